@@ -1,0 +1,2 @@
+//! The `qcow2-bitmap` command-line tool (placeholder until the CLI lands).
+fn main() {}

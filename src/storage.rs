@@ -1,0 +1,141 @@
+//! Positional storage: the [`ReadAt`] trait the read path works on, with
+//! implementations for memory (`[u8]`, `Vec<u8>`) and for a memory-mapped
+//! file ([`MappedFile`]). Nothing here knows about qcow2.
+//!
+//! `read_at` returns a borrowed slice, so mapped files and memory images are
+//! read without copying; only short reads past the end fail.
+
+use std::fs::File;
+use std::io;
+
+/// Random-access, read-only byte storage.
+pub trait ReadAt {
+    /// Total length in bytes.
+    fn len(&self) -> u64;
+
+    /// Whether the storage is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `len` bytes at `offset`, borrowed when possible, else copied into `scratch`.
+    ///
+    /// # Errors
+    /// `UnexpectedEof` when the range is not entirely inside the storage.
+    fn read_at<'a>(&'a self, offset: u64, len: usize, scratch: &'a mut Vec<u8>)
+    -> io::Result<&'a [u8]>;
+}
+
+fn eof(offset: u64, len: usize, total: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!("{len} bytes at offset {offset} run past the end of the file ({total} bytes)"),
+    )
+}
+
+fn slice_at(bytes: &[u8], offset: u64, len: usize) -> io::Result<&[u8]> {
+    let total = bytes.len() as u64;
+    let start = usize::try_from(offset).map_err(|_| eof(offset, len, total))?;
+    let end = start.checked_add(len).filter(|&e| e <= bytes.len());
+    match end {
+        Some(end) => Ok(&bytes[start..end]),
+        None => Err(eof(offset, len, total)),
+    }
+}
+
+impl ReadAt for [u8] {
+    fn len(&self) -> u64 {
+        <[u8]>::len(self) as u64
+    }
+    fn read_at<'a>(&'a self, offset: u64, len: usize, _: &'a mut Vec<u8>) -> io::Result<&'a [u8]> {
+        slice_at(self, offset, len)
+    }
+}
+
+impl ReadAt for Vec<u8> {
+    fn len(&self) -> u64 {
+        self.as_slice().len() as u64
+    }
+    fn read_at<'a>(&'a self, offset: u64, len: usize, _: &'a mut Vec<u8>) -> io::Result<&'a [u8]> {
+        slice_at(self, offset, len)
+    }
+}
+
+impl<T: ReadAt + ?Sized> ReadAt for &T {
+    fn len(&self) -> u64 {
+        (**self).len()
+    }
+    fn read_at<'a>(&'a self, offset: u64, len: usize, s: &'a mut Vec<u8>) -> io::Result<&'a [u8]> {
+        (**self).read_at(offset, len, s)
+    }
+}
+
+/// A file opened read-only and mapped into memory.
+///
+/// The [`File`] is kept so that its byte-range locks live as long as the map.
+#[derive(Debug)]
+pub struct MappedFile {
+    file: File,
+    map: Option<memmap2::Mmap>,
+}
+
+impl MappedFile {
+    /// Maps `file` (which should already hold the locks the caller needs).
+    ///
+    /// # Errors
+    /// Fails when the file cannot be stat'ed or mapped.
+    pub fn new(file: File) -> io::Result<Self> {
+        let len = file.metadata()?.len();
+        // An empty file cannot be mapped on every platform; treat it as no bytes.
+        let map = if len == 0 { None } else { Some(map_readonly(&file)?) };
+        Ok(MappedFile { file, map })
+    }
+
+    /// The underlying file (for locks and metadata).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+}
+
+/// The crate's one `unsafe` block that maps a file.
+///
+/// SAFETY: `Mmap::map` is unsafe because another process may truncate or
+/// modify the file while it is mapped. We hold QEMU's shared read lock with
+/// "write" and "resize" unshared (unless the user passed `--force-share`), so
+/// no cooperating writer can change or shrink the file while we read it. With
+/// `--force-share`, QEMU itself reads the same racy bytes; a concurrent
+/// truncation could raise SIGBUS, which is the documented risk of `-U`.
+#[allow(unsafe_code)]
+fn map_readonly(file: &File) -> io::Result<memmap2::Mmap> {
+    // SAFETY: see the function documentation above.
+    unsafe { memmap2::Mmap::map(file) }
+}
+
+impl ReadAt for MappedFile {
+    fn len(&self) -> u64 {
+        self.bytes().len() as u64
+    }
+    fn read_at<'a>(&'a self, offset: u64, len: usize, _: &'a mut Vec<u8>) -> io::Result<&'a [u8]> {
+        slice_at(self.bytes(), offset, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_reads_and_bounds() {
+        let v: Vec<u8> = (0..16).collect();
+        let mut s = Vec::new();
+        assert_eq!(v.read_at(4, 3, &mut s).unwrap(), &[4, 5, 6]);
+        assert_eq!(v.read_at(16, 0, &mut s).unwrap(), &[] as &[u8]);
+        assert!(v.read_at(15, 2, &mut s).is_err());
+        assert!(v.read_at(u64::MAX, 2, &mut s).is_err());
+        assert_eq!(ReadAt::len(&v), 16);
+    }
+}
