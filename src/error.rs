@@ -56,7 +56,13 @@ impl Error {
         offset: Option<u64>,
         message: impl Into<String>,
     ) -> Self {
-        Error { kind, object: object.into(), offset, message: message.into(), source: None }
+        Error {
+            kind,
+            object: object.into(),
+            offset,
+            message: message.into(),
+            source: None,
+        }
     }
 
     /// Malformed metadata at a known file offset.
@@ -72,7 +78,13 @@ impl Error {
     /// An I/O failure while accessing `object`.
     pub fn io(object: impl Into<String>, offset: Option<u64>, err: io::Error) -> Self {
         let message = err.to_string();
-        Error { kind: ErrorKind::Io, object: object.into(), offset, message, source: Some(err) }
+        Error {
+            kind: ErrorKind::Io,
+            object: object.into(),
+            offset,
+            message,
+            source: Some(err),
+        }
     }
 
     /// The category of this error.
@@ -105,7 +117,10 @@ impl Error {
 impl Error {
     fn render(&self) -> String {
         match self.offset {
-            Some(off) => format!("{} at offset {off} (0x{off:x}): {}", self.object, self.message),
+            Some(off) => format!(
+                "{} at offset {off} (0x{off:x}): {}",
+                self.object, self.message
+            ),
             None => format!("{}: {}", self.object, self.message),
         }
     }
@@ -117,7 +132,11 @@ mod tests {
 
     #[test]
     fn display_names_object_offset_and_value() {
-        let e = Error::corrupt("bitmap directory entry 'b0' name_size", 0x30018, "2000 exceeds 1023");
+        let e = Error::corrupt(
+            "bitmap directory entry 'b0' name_size",
+            0x30018,
+            "2000 exceeds 1023",
+        );
         assert_eq!(
             e.to_string(),
             "bitmap directory entry 'b0' name_size at offset 196632 (0x30018): 2000 exceeds 1023"

@@ -22,8 +22,12 @@ pub trait ReadAt {
     ///
     /// # Errors
     /// `UnexpectedEof` when the range is not entirely inside the storage.
-    fn read_at<'a>(&'a self, offset: u64, len: usize, scratch: &'a mut Vec<u8>)
-    -> io::Result<&'a [u8]>;
+    fn read_at<'a>(
+        &'a self,
+        offset: u64,
+        len: usize,
+        scratch: &'a mut Vec<u8>,
+    ) -> io::Result<&'a [u8]>;
 }
 
 fn eof(offset: u64, len: usize, total: u64) -> io::Error {
@@ -87,7 +91,11 @@ impl MappedFile {
     pub fn new(file: File) -> io::Result<Self> {
         let len = file.metadata()?.len();
         // An empty file cannot be mapped on every platform; treat it as no bytes.
-        let map = if len == 0 { None } else { Some(map_readonly(&file)?) };
+        let map = if len == 0 {
+            None
+        } else {
+            Some(map_readonly(&file)?)
+        };
         Ok(MappedFile { file, map })
     }
 
