@@ -1,0 +1,110 @@
+//! Command-line grammar (clap derive) and the usage-error policy: any parse
+//! failure is one `qcow2-bitmap: ...` line and exit 1, like qemu-img.
+
+use clap::{Args, Parser, Subcommand};
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Inspect QEMU persistent dirty bitmaps in qcow2 images, offline.
+#[derive(Debug, Parser)]
+#[command(name = "qcow2-bitmap", version, about)]
+pub struct Cli {
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options shared by the read-only commands.
+#[derive(Debug, Args)]
+pub struct ReadOpts {
+    /// Read an image that a writer holds (QEMU's --force-share); its bitmaps then show as in-use.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Image summary and one row per bitmap: granularity, flags, dirty bytes, state.
+    Info {
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        read: ReadOpts,
+        /// The qcow2 image.
+        image: PathBuf,
+    },
+    /// Dirty ranges of one bitmap, in guest bytes.
+    Extents {
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        read: ReadOpts,
+        /// Also list the clean ranges, so that the output tiles the range.
+        #[arg(long)]
+        all: bool,
+        /// Read a bitmap whose state is not ok.
+        #[arg(long)]
+        force: bool,
+        /// Start of the range (SIZE, default 0).
+        #[arg(long, value_parser = parse_size)]
+        offset: Option<u64>,
+        /// Length of the range (SIZE, default: to the end of the disk).
+        #[arg(long, value_parser = parse_size)]
+        length: Option<u64>,
+        /// The qcow2 image.
+        image: PathBuf,
+        /// The bitmap name.
+        bitmap: String,
+    },
+    /// SHA-256 of a bitmap as QEMU's x-debug-block-dirty-bitmap-sha256 computes it.
+    Hash {
+        #[command(flatten)]
+        read: ReadOpts,
+        /// Read a bitmap whose state is not ok.
+        #[arg(long)]
+        force: bool,
+        /// The qcow2 image.
+        image: PathBuf,
+        /// The bitmap name.
+        bitmap: String,
+    },
+    /// Every header field, header extension and directory entry; with --bitmap, its table.
+    Dump {
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        read: ReadOpts,
+        /// The qcow2 image.
+        image: PathBuf,
+        /// Also list this bitmap's table entries.
+        #[arg(long)]
+        bitmap: Option<String>,
+    },
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    super::size::parse(s)
+}
+
+/// Parses argv; on `--help`/`--version` prints and returns exit 0, on a usage error exit 1.
+pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Cli, ExitCode> {
+    match Cli::try_parse_from(argv) {
+        Ok(cli) => Ok(cli),
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            Err(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("qcow2-bitmap: {first} (try 'qcow2-bitmap --help')");
+            Err(ExitCode::from(1))
+        }
+    }
+}
