@@ -286,7 +286,8 @@ impl<S: ReadAt> Image<S> {
         words.clear();
         words.resize(nbytes.div_ceil(8), 0);
         bits::bytes::le_bytes_to_words(bytes, words);
-        bits::words::clear_range(words, nbits..words.len() as u64 * 64);
+        let total = words.len() as u64 * 64;
+        bits::words::clear_range(words, nbits..total);
         Ok(())
     }
 

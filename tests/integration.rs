@@ -1,0 +1,19 @@
+//! One integration test binary (style: one binary, modules by scope).
+//!
+//! - `fixtures`: every committed fixture against the records QEMU made (no QEMU needed).
+//! - `cli`: the command-line contract on fixtures (exit codes, one-line errors, JSON shapes).
+//! - `live`: images generated now with QEMU tools, compared with QEMU's answers
+//!   (skipped with a visible message when QEMU is missing, unless
+//!   `QCOW2_BITMAP_REQUIRE_QEMU=1`, which `.ci/run` sets).
+
+#[path = "it/util.rs"]
+mod util;
+
+#[path = "it/fixtures.rs"]
+mod fixtures;
+
+#[path = "it/cli.rs"]
+mod cli;
+
+#[path = "it/live.rs"]
+mod live;
