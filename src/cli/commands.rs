@@ -1,9 +1,9 @@
 //! One function per subcommand. Each opens the image read-only through the
 //! public API, gathers what it prints, and hands it to `output`.
 
+use super::Failure;
 use super::args::{Cli, Command, ReadOpts};
 use super::output::{self, BitmapRow, InfoDoc};
-use super::Failure;
 use qcow2_bitmap::lock::Access;
 use qcow2_bitmap::read::{self, Image};
 use qcow2_bitmap::storage::MappedFile;
@@ -17,17 +17,50 @@ type Outcome = Result<ExitCode, Failure>;
 pub fn dispatch(cli: Cli) -> Outcome {
     match cli.command {
         Command::Info { json, read, image } => info(&image, &read, json),
-        Command::Extents { json, read, all, force, offset, length, image, bitmap } => {
+        Command::Extents {
+            json,
+            read,
+            all,
+            force,
+            offset,
+            length,
+            image,
+            bitmap,
+        } => {
             let range = ExtentsRange { offset, length };
-            extents(&image, &read, &bitmap, ExtentsOpts { json, all, force, range })
+            extents(
+                &image,
+                &read,
+                &bitmap,
+                ExtentsOpts {
+                    json,
+                    all,
+                    force,
+                    range,
+                },
+            )
         }
-        Command::Hash { read, force, image, bitmap } => hash(&image, &read, &bitmap, force),
-        Command::Dump { json, read, image, bitmap } => dump(&image, &read, json, bitmap.as_deref()),
+        Command::Hash {
+            read,
+            force,
+            image,
+            bitmap,
+        } => hash(&image, &read, &bitmap, force),
+        Command::Dump {
+            json,
+            read,
+            image,
+            bitmap,
+        } => dump(&image, &read, json, bitmap.as_deref()),
     }
 }
 
 fn open(path: &Path, opts: &ReadOpts) -> Result<Image<MappedFile>, Failure> {
-    let access = if opts.force_share { Access::ReadForceShare } else { Access::Read };
+    let access = if opts.force_share {
+        Access::ReadForceShare
+    } else {
+        Access::Read
+    };
     read::open_path(path, access).map_err(|e| Failure::Lib(e.context(path.display())))
 }
 
@@ -37,7 +70,11 @@ fn stdout() -> BufWriter<io::StdoutLock<'static>> {
 
 fn info(path: &Path, opts: &ReadOpts, json: bool) -> Outcome {
     let image = open(path, opts)?;
-    let rows: Vec<BitmapRow> = image.bitmaps().iter().map(|b| BitmapRow::new(&image, b)).collect();
+    let rows: Vec<BitmapRow> = image
+        .bitmaps()
+        .iter()
+        .map(|b| BitmapRow::new(&image, b))
+        .collect();
     let doc = InfoDoc::new(path, &image, rows);
     let mut out = stdout();
     if json {
@@ -72,7 +109,10 @@ fn extents(path: &Path, opts: &ReadOpts, name: &str, o: ExtentsOpts) -> Outcome 
     let length = match o.range.length {
         Some(l) => l,
         None => image.virtual_size().checked_sub(offset).ok_or_else(|| {
-            qcow2_bitmap::Error::invalid_input("--offset", format!("{offset} is past the virtual size {}", image.virtual_size()))
+            qcow2_bitmap::Error::invalid_input(
+                "--offset",
+                format!("{offset} is past the virtual size {}", image.virtual_size()),
+            )
         })?,
     };
     let (lo, hi) = image.check_range(Some((offset, length)))?;

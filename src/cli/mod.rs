@@ -12,7 +12,6 @@ use std::ffi::OsString;
 use std::io::{self, Write};
 use std::process::ExitCode;
 
-
 /// What a command failed with: a library error or a CLI-level message.
 #[derive(Debug)]
 pub enum Failure {

@@ -66,7 +66,9 @@ impl BitmapRow {
         if b.entry.auto() {
             flags.push("auto");
         }
-        let density = (status.state == BitmapState::Ok).then(|| density(image, b)).flatten();
+        let density = (status.state == BitmapState::Ok)
+            .then(|| density(image, b))
+            .flatten();
         BitmapRow {
             name: b.name(),
             granularity: b.granularity(),
@@ -113,7 +115,11 @@ impl InfoDoc {
             bitmaps_consistent: image.bitmaps_consistent(),
             bitmaps_problem: image.bitmaps_view().problem.as_ref().map(|e| e.to_string()),
             bitmaps,
-            features: feature_names(h.incompatible_features, h.compatible_features, h.autoclear_features),
+            features: feature_names(
+                h.incompatible_features,
+                h.compatible_features,
+                h.autoclear_features,
+            ),
         }
     }
 }
@@ -139,15 +145,32 @@ fn feature_names(incompat: u64, compat: u64, autoclear: u64) -> Vec<String> {
 }
 
 /// Human `info`.
-pub fn write_info<S: ReadAt>(out: &mut impl Write, doc: &InfoDoc, image: &Image<S>) -> io::Result<()> {
+pub fn write_info<S: ReadAt>(
+    out: &mut impl Write,
+    doc: &InfoDoc,
+    image: &Image<S>,
+) -> io::Result<()> {
     writeln!(out, "image:          {}", doc.filename)?;
     writeln!(out, "format:         qcow2, version {}", doc.version)?;
-    writeln!(out, "virtual size:   {} ({} bytes)", human(doc.virtual_size), doc.virtual_size)?;
+    writeln!(
+        out,
+        "virtual size:   {} ({} bytes)",
+        human(doc.virtual_size),
+        doc.virtual_size
+    )?;
     writeln!(out, "cluster size:   {}", human(doc.cluster_size))?;
     writeln!(out, "refcount bits:  {}", doc.refcount_bits)?;
-    let features = if doc.features.is_empty() { "none".to_string() } else { doc.features.join(", ") };
+    let features = if doc.features.is_empty() {
+        "none".to_string()
+    } else {
+        doc.features.join(", ")
+    };
     writeln!(out, "features:       {features}")?;
-    let consistent = if doc.bitmaps_consistent { "consistent" } else { "NOT consistent (stale)" };
+    let consistent = if doc.bitmaps_consistent {
+        "consistent"
+    } else {
+        "NOT consistent (stale)"
+    };
     match image.bitmaps_view().extension {
         None => writeln!(out, "bitmaps:        none")?,
         Some(_) => writeln!(out, "bitmaps:        {} ({consistent})", doc.bitmaps.len())?,
@@ -164,16 +187,34 @@ pub fn write_info<S: ReadAt>(out: &mut impl Write, doc: &InfoDoc, image: &Image<
 }
 
 fn write_bitmap_table(out: &mut impl Write, doc: &InfoDoc) -> io::Result<()> {
-    let width = doc.bitmaps.iter().map(|b| b.name.chars().count()).max().unwrap_or(4).max(4);
-    writeln!(out, "{:<width$}  {:>11}  {:<12}  {:>22}  STATE", "NAME", "GRANULARITY", "FLAGS", "DIRTY")?;
+    let width = doc
+        .bitmaps
+        .iter()
+        .map(|b| b.name.chars().count())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    writeln!(
+        out,
+        "{:<width$}  {:>11}  {:<12}  {:>22}  STATE",
+        "NAME", "GRANULARITY", "FLAGS", "DIRTY"
+    )?;
     for b in &doc.bitmaps {
-        let flags = if b.flags.is_empty() { "-".to_string() } else { b.flags.join(",") };
+        let flags = if b.flags.is_empty() {
+            "-".to_string()
+        } else {
+            b.flags.join(",")
+        };
         let dirty = match b.dirty_bytes {
             Some(n) => format!("{} {:>7}", human(n), percent(n, doc.virtual_size)),
             None => "-".to_string(),
         };
         let gran = human(b.granularity);
-        writeln!(out, "{:<width$}  {gran:>11}  {flags:<12}  {dirty:>22}  {}", b.name, b.state)?;
+        writeln!(
+            out,
+            "{:<width$}  {gran:>11}  {flags:<12}  {dirty:>22}  {}",
+            b.name, b.state
+        )?;
         if let Some(p) = &b.problem {
             writeln!(out, "{:<width$}  -> {p}", "")?;
         }
@@ -186,7 +227,11 @@ fn percent(n: u64, total: u64) -> String {
         return "0%".into();
     }
     let p = n as f64 * 100.0 / total as f64;
-    if n > 0 && p < 0.01 { "<0.01%".into() } else { format!("{p:.2}%") }
+    if n > 0 && p < 0.01 {
+        "<0.01%".into()
+    } else {
+        format!("{p:.2}%")
+    }
 }
 
 fn write_density(out: &mut impl Write, doc: &InfoDoc) -> io::Result<()> {
@@ -196,11 +241,23 @@ fn write_density(out: &mut impl Write, doc: &InfoDoc) -> io::Result<()> {
     }
     let col = doc.virtual_size.div_ceil(DENSITY_COLUMNS).max(1);
     writeln!(out)?;
-    writeln!(out, "dirty map (one column = {}; ' ' clean, '.' <1%, 1-9 tenths, '#' full):", human(col))?;
-    let width = rows.iter().map(|b| b.name.chars().count()).max().unwrap_or(0);
+    writeln!(
+        out,
+        "dirty map (one column = {}; ' ' clean, '.' <1%, 1-9 tenths, '#' full):",
+        human(col)
+    )?;
+    let width = rows
+        .iter()
+        .map(|b| b.name.chars().count())
+        .max()
+        .unwrap_or(0);
     for b in rows {
         let cols = b.density.as_deref().unwrap_or(&[]);
-        let strip: String = cols.iter().enumerate().map(|(i, &d)| density_char(d, column_len(i as u64, col, doc.virtual_size))).collect();
+        let strip: String = cols
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| density_char(d, column_len(i as u64, col, doc.virtual_size)))
+            .collect();
         writeln!(out, "{:<width$}  |{strip}|", b.name)?;
     }
     Ok(())
@@ -218,7 +275,11 @@ fn density_char(dirty: u64, len: u64) -> char {
         return '#';
     }
     let tenths = dirty * 10 / len;
-    if tenths == 0 { '.' } else { char::from(b'0' + tenths as u8) }
+    if tenths == 0 {
+        '.'
+    } else {
+        char::from(b'0' + tenths as u8)
+    }
 }
 
 /// Prints extents as they stream in; with `all`, fills the clean gaps.
@@ -233,15 +294,33 @@ pub struct ExtentPrinter {
 impl ExtentPrinter {
     /// A printer for a range starting at `lo`.
     pub fn new(json: bool, all: bool, lo: u64) -> Self {
-        ExtentPrinter { json, all, pos: lo, first: true }
+        ExtentPrinter {
+            json,
+            all,
+            pos: lo,
+            first: true,
+        }
     }
 
-    fn line(&mut self, out: &mut impl Write, offset: u64, length: u64, dirty: bool) -> io::Result<()> {
+    fn line(
+        &mut self,
+        out: &mut impl Write,
+        offset: u64,
+        length: u64,
+        dirty: bool,
+    ) -> io::Result<()> {
         if self.json {
             let sep = if self.first { "[\n" } else { ",\n" };
-            write!(out, "{sep}  {{\"offset\": {offset}, \"length\": {length}, \"dirty\": {dirty}}}")?;
+            write!(
+                out,
+                "{sep}  {{\"offset\": {offset}, \"length\": {length}, \"dirty\": {dirty}}}"
+            )?;
         } else {
-            writeln!(out, "{offset} {length} {}", if dirty { "dirty" } else { "clean" })?;
+            writeln!(
+                out,
+                "{offset} {length} {}",
+                if dirty { "dirty" } else { "clean" }
+            )?;
         }
         self.first = false;
         Ok(())
@@ -298,7 +377,11 @@ pub struct Field {
 }
 
 fn field(name: &'static str, offset: u64, value: impl Into<u64>) -> Field {
-    Field { name, offset, value: value.into() }
+    Field {
+        name,
+        offset,
+        value: value.into(),
+    }
 }
 
 /// One header extension.
@@ -371,10 +454,19 @@ pub fn dump_table<S: ReadAt>(image: &Image<S>, b: &BitmapEntry) -> TableDump {
                 TableEntry::Data(off) => ("data".to_string(), Some(off)),
                 TableEntry::Invalid(why) => (format!("invalid: {why}"), None),
             };
-            TableRow { index, raw: format!("0x{r:016x}"), kind, data_offset }
+            TableRow {
+                index,
+                raw: format!("0x{r:016x}"),
+                kind,
+                data_offset,
+            }
         })
         .collect();
-    TableDump { bitmap: b.name(), error, entries }
+    TableDump {
+        bitmap: b.name(),
+        error,
+        entries,
+    }
 }
 
 impl DumpDoc {
@@ -459,7 +551,11 @@ fn entry_row(b: &BitmapEntry) -> EntryRow {
         extra_data_size: e.extra_data.len(),
         padding_ok: e.padding_is_zero,
         state: b.state.as_str(),
-        problems: b.problems.iter().map(|p| format!("{} (at offset {})", p.message, p.offset)).collect(),
+        problems: b
+            .problems
+            .iter()
+            .map(|p| format!("{} (at offset {})", p.message, p.offset))
+            .collect(),
     }
 }
 
@@ -468,12 +564,24 @@ pub fn write_dump(out: &mut impl Write, d: &DumpDoc) -> io::Result<()> {
     writeln!(out, "file: {} ({} bytes)", d.filename, d.file_size)?;
     writeln!(out, "\nheader:")?;
     for f in &d.header {
-        writeln!(out, "  {:>6}  {:<24} {:>20}  0x{:x}", f.offset, f.name, f.value, f.value)?;
+        writeln!(
+            out,
+            "  {:>6}  {:<24} {:>20}  0x{:x}",
+            f.offset, f.name, f.value, f.value
+        )?;
     }
     writeln!(out, "\nheader extensions:")?;
     for e in &d.extensions {
-        let pad = if e.padding_ok { "" } else { "  (nonzero padding)" };
-        writeln!(out, "  {:>6}  {}  {:<36} length {}{pad}", e.offset, e.kind, e.name, e.length)?;
+        let pad = if e.padding_ok {
+            ""
+        } else {
+            "  (nonzero padding)"
+        };
+        writeln!(
+            out,
+            "  {:>6}  {}  {:<36} length {}{pad}",
+            e.offset, e.kind, e.name, e.length
+        )?;
     }
     match d.end_marker_offset {
         Some(off) => writeln!(out, "  {off:>6}  end marker")?,
@@ -482,7 +590,11 @@ pub fn write_dump(out: &mut impl Write, d: &DumpDoc) -> io::Result<()> {
     if let Some(fields) = &d.bitmaps_extension {
         writeln!(out, "\nbitmaps extension:")?;
         for f in fields {
-            writeln!(out, "  {:>6}  {:<24} {:>20}  0x{:x}", f.offset, f.name, f.value, f.value)?;
+            writeln!(
+                out,
+                "  {:>6}  {:<24} {:>20}  0x{:x}",
+                f.offset, f.name, f.value, f.value
+            )?;
         }
     }
     if let Some(p) = &d.bitmaps_problem {
@@ -501,9 +613,21 @@ fn write_dump_directory(out: &mut impl Write, d: &DumpDoc) -> io::Result<()> {
     }
     writeln!(out, "\nbitmap directory:")?;
     for e in &d.directory {
-        writeln!(out, "  [{}] at {} (0x{:x}): '{}'", e.index, e.offset, e.offset, e.name)?;
-        writeln!(out, "      table_offset 0x{:x}  table_size {}  flags 0x{:x}  type {}  granularity_bits {}", e.table_offset, e.table_size, e.flags, e.kind, e.granularity_bits)?;
-        writeln!(out, "      name_size {}  extra_data_size {}  state {}", e.name_size, e.extra_data_size, e.state)?;
+        writeln!(
+            out,
+            "  [{}] at {} (0x{:x}): '{}'",
+            e.index, e.offset, e.offset, e.name
+        )?;
+        writeln!(
+            out,
+            "      table_offset 0x{:x}  table_size {}  flags 0x{:x}  type {}  granularity_bits {}",
+            e.table_offset, e.table_size, e.flags, e.kind, e.granularity_bits
+        )?;
+        writeln!(
+            out,
+            "      name_size {}  extra_data_size {}  state {}",
+            e.name_size, e.extra_data_size, e.state
+        )?;
         for p in &e.problems {
             writeln!(out, "      problem: {p}")?;
         }
@@ -518,7 +642,11 @@ fn write_dump_table(out: &mut impl Write, t: &TableDump) -> io::Result<()> {
     }
     for r in &t.entries {
         match r.data_offset {
-            Some(off) => writeln!(out, "  {:>8}  {}  data at {off} (0x{off:x})", r.index, r.raw)?,
+            Some(off) => writeln!(
+                out,
+                "  {:>8}  {}  data at {off} (0x{off:x})",
+                r.index, r.raw
+            )?,
             None => writeln!(out, "  {:>8}  {}  {}", r.index, r.raw, r.kind)?,
         }
     }

@@ -13,14 +13,21 @@ pub fn parse(s: &str) -> Result<u64, String> {
                 'T' => 40,
                 'P' => 50,
                 'E' => 60,
-                _ => return Err(format!("'{s}': unknown size suffix '{c}' (use K, M, G, T, P or E)")),
+                _ => {
+                    return Err(format!(
+                        "'{s}': unknown size suffix '{c}' (use K, M, G, T, P or E)"
+                    ));
+                }
             };
             (&s[..i], shift)
         }
         _ => (s, 0),
     };
-    let n: u64 = digits.parse().map_err(|_| format!("'{s}' is not a size (e.g. 512, 64K, 2G)"))?;
-    n.checked_mul(1u64 << shift).ok_or_else(|| format!("'{s}' is too large"))
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (e.g. 512, 64K, 2G)"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("'{s}' is too large"))
 }
 
 /// `65536` -> `64 KiB`, `1610612736` -> `1.5 GiB`, `1000` -> `1000 B`.

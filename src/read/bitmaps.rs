@@ -62,7 +62,9 @@ impl BitmapEntry {
 
     /// The first problem that makes the bitmap unusable, if any.
     pub fn unusable_problem(&self) -> Option<&Problem> {
-        self.problems.iter().find(|p| p.severity == Severity::Unusable)
+        self.problems
+            .iter()
+            .find(|p| p.severity == Severity::Unusable)
     }
 }
 
@@ -99,13 +101,19 @@ impl Table {
     /// Bit range `[first, end)` of table entry `k`, clipped to `nbits`.
     pub fn cluster_bits(&self, k: usize) -> (u64, u64) {
         let first = (k as u64).saturating_mul(self.bits_per_cluster());
-        let end = first.saturating_add(self.bits_per_cluster()).min(self.nbits);
+        let end = first
+            .saturating_add(self.bits_per_cluster())
+            .min(self.nbits);
         (first.min(self.nbits), end)
     }
 }
 
 /// `(nbits, table_size)` QEMU computes for a bitmap, or `None` on overflow.
-pub fn expected_dimensions(virtual_size: u64, granularity_bits: u32, g: Geometry) -> Option<(u64, u64)> {
+pub fn expected_dimensions(
+    virtual_size: u64,
+    granularity_bits: u32,
+    g: Geometry,
+) -> Option<(u64, u64)> {
     let gran = 1u64.checked_shl(granularity_bits)?;
     let nbits = virtual_size.div_ceil(gran);
     let nbytes = nbits.div_ceil(8);
@@ -121,8 +129,15 @@ pub(super) fn classify<S: ReadAt>(entries: Vec<DirEntry>, image: &Image<S>) -> V
     for (index, entry) in entries.into_iter().enumerate() {
         let mut problems = entry.problems(g, size);
         if out.iter().any(|b| b.entry.name == entry.name) && !entry.name.is_empty() {
-            let msg = format!("duplicate name '{}' (an earlier entry has it)", entry.name_lossy());
-            problems.push(Problem { severity: Severity::Unusable, offset: entry.offset, message: msg });
+            let msg = format!(
+                "duplicate name '{}' (an earlier entry has it)",
+                entry.name_lossy()
+            );
+            problems.push(Problem {
+                severity: Severity::Unusable,
+                offset: entry.offset,
+                message: msg,
+            });
         }
         let unusable = problems.iter().any(|p| p.severity == Severity::Unusable);
         let state = if !consistent {
@@ -134,7 +149,12 @@ pub(super) fn classify<S: ReadAt>(entries: Vec<DirEntry>, image: &Image<S>) -> V
         } else {
             BitmapState::Ok
         };
-        out.push(BitmapEntry { index, entry, state, problems });
+        out.push(BitmapEntry {
+            index,
+            entry,
+            state,
+            problems,
+        });
     }
     out
 }
@@ -143,7 +163,8 @@ fn stale_reason<S: ReadAt>(image: &Image<S>) -> String {
     if image.header().version < 3 {
         "version 2 image: bitmaps cannot be marked consistent, so they are stale".into()
     } else {
-        "autoclear bit 0 is clear: a program without bitmap support may have written the image".into()
+        "autoclear bit 0 is clear: a program without bitmap support may have written the image"
+            .into()
     }
 }
 
@@ -157,21 +178,50 @@ impl<S: ReadAt> Image<S> {
         let e = &b.entry;
         let what = format!("bitmap '{}'", b.name());
         if let Some(p) = b.problems.iter().find(|p| p.severity == Severity::Unusable) {
-            return Err(Error::corrupt(format!("{what} directory entry"), p.offset, p.message.clone()));
+            return Err(Error::corrupt(
+                format!("{what} directory entry"),
+                p.offset,
+                p.message.clone(),
+            ));
         }
         let g = self.geometry();
         let gran_bits = u32::from(e.granularity_bits);
         let dims = expected_dimensions(self.virtual_size(), gran_bits, g);
-        let (nbits, want) = dims.ok_or_else(|| Error::corrupt(format!("{what} granularity_bits"), e.offset + 17, "overflows"))?;
+        let (nbits, want) = dims.ok_or_else(|| {
+            Error::corrupt(
+                format!("{what} granularity_bits"),
+                e.offset + 17,
+                "overflows",
+            )
+        })?;
         if u64::from(e.table_size) != want && !e.in_use() {
-            let msg = format!("table_size {} but the virtual size {} needs exactly {want}", e.table_size, self.virtual_size());
-            return Err(Error::corrupt(format!("{what} directory entry"), e.offset + 8, msg));
+            let msg = format!(
+                "table_size {} but the virtual size {} needs exactly {want}",
+                e.table_size,
+                self.virtual_size()
+            );
+            return Err(Error::corrupt(
+                format!("{what} directory entry"),
+                e.offset + 8,
+                msg,
+            ));
         }
         let entries = self.read_table_entries(&what, e, g, nbits)?;
-        Ok(Table { entries, nbits, granularity_bits: gran_bits, geometry: g })
+        Ok(Table {
+            entries,
+            nbits,
+            granularity_bits: gran_bits,
+            geometry: g,
+        })
     }
 
-    fn read_table_entries(&self, what: &str, e: &DirEntry, g: Geometry, nbits: u64) -> Result<Vec<TableEntry>> {
+    fn read_table_entries(
+        &self,
+        what: &str,
+        e: &DirEntry,
+        g: Geometry,
+        nbits: u64,
+    ) -> Result<Vec<TableEntry>> {
         // Directory rules bounded table_size * cluster_size by 512 MiB, so this is at most 8 MiB.
         let len = e.table_size as usize * 8;
         let mut scratch = Vec::new();
@@ -179,18 +229,31 @@ impl<S: ReadAt> Image<S> {
             .storage
             .read_at(e.table_offset, len, &mut scratch)
             .map_err(|err| Error::io(format!("{what} table"), Some(e.table_offset), err))?;
-        let bytes_needed = nbits.div_ceil(8);
+        // QEMU reads (and hashes) whole 64-bit words of the last cluster.
+        let bytes_needed = nbits.div_ceil(64) * 8;
         let mut out = Vec::with_capacity(e.table_size as usize);
         for (k, raw) in bitmap_table::raw_entries(bytes).enumerate() {
             let at = e.table_offset + 8 * k as u64;
             let entry = TableEntry::decode(raw, g);
             if let TableEntry::Invalid(why) = entry {
-                return Err(Error::corrupt(format!("{what} table entry {k}"), at, format!("0x{raw:016x}: {why}")));
+                return Err(Error::corrupt(
+                    format!("{what} table entry {k}"),
+                    at,
+                    format!("0x{raw:016x}: {why}"),
+                ));
             }
             if let TableEntry::Data(off) = entry {
-                let used = bytes_needed.saturating_sub(k as u64 * g.cluster_size()).clamp(1, g.cluster_size());
-                if off.checked_add(used).is_none_or(|end| end > self.storage.len()) {
-                    let msg = format!("data cluster 0x{off:x} lies beyond the end of the file ({} bytes)", self.storage.len());
+                let used = bytes_needed
+                    .saturating_sub(k as u64 * g.cluster_size())
+                    .clamp(1, g.cluster_size());
+                if off
+                    .checked_add(used)
+                    .is_none_or(|end| end > self.storage.len())
+                {
+                    let msg = format!(
+                        "data cluster 0x{off:x} lies beyond the end of the file ({} bytes)",
+                        self.storage.len()
+                    );
                     return Err(Error::corrupt(format!("{what} table entry {k}"), at, msg));
                 }
             }
@@ -208,27 +271,55 @@ impl<S: ReadAt> Image<S> {
             return Ok(());
         }
         let why = match b.state {
-            BitmapState::InUse => "is in use (not saved consistently; a QEMU process may have it open, or it crashed)".to_string(),
+            BitmapState::InUse => {
+                "is in use (not saved consistently; a QEMU process may have it open, or it crashed)"
+                    .to_string()
+            }
             BitmapState::Stale => format!("is stale ({})", stale_reason(self)),
-            _ => format!("is invalid ({})", b.unusable_problem().map_or("broken entry", |p| p.message.as_str())),
+            _ => format!(
+                "is invalid ({})",
+                b.unusable_problem()
+                    .map_or("broken entry", |p| p.message.as_str())
+            ),
         };
-        Err(Error::new(ErrorKind::Untrusted, format!("bitmap '{}'", b.name()), None, format!("{why}; use --force to read it anyway")))
+        Err(Error::new(
+            ErrorKind::Untrusted,
+            format!("bitmap '{}'", b.name()),
+            None,
+            format!("{why}; use --force to read it anyway"),
+        ))
     }
 
     /// The full verdict on `b`: reads its table and data to count dirty bytes.
     pub fn status(&self, b: &BitmapEntry) -> BitmapStatus {
-        let not_ok = |state, problem: String| BitmapStatus { state, problem: Some(problem), dirty_bytes: None };
+        let not_ok = |state, problem: String| BitmapStatus {
+            state,
+            problem: Some(problem),
+            dirty_bytes: None,
+        };
         match b.state {
             BitmapState::Stale => return not_ok(BitmapState::Stale, stale_reason(self)),
             BitmapState::Invalid => {
-                let msg = b.unusable_problem().map_or_else(|| "broken entry".to_string(), |p| format!("{} (at offset {})", p.message, p.offset));
+                let msg = b.unusable_problem().map_or_else(
+                    || "broken entry".to_string(),
+                    |p| format!("{} (at offset {})", p.message, p.offset),
+                );
                 return not_ok(BitmapState::Invalid, msg);
             }
-            BitmapState::InUse => return not_ok(BitmapState::InUse, "in_use flag is set: the bitmap was not saved consistently".into()),
+            BitmapState::InUse => {
+                return not_ok(
+                    BitmapState::InUse,
+                    "in_use flag is set: the bitmap was not saved consistently".into(),
+                );
+            }
             BitmapState::Ok => {}
         }
         match self.table(b).and_then(|t| self.dirty_bytes(&t)) {
-            Ok(n) => BitmapStatus { state: BitmapState::Ok, problem: None, dirty_bytes: Some(n) },
+            Ok(n) => BitmapStatus {
+                state: BitmapState::Ok,
+                problem: None,
+                dirty_bytes: Some(n),
+            },
             Err(e) => not_ok(BitmapState::Invalid, e.to_string()),
         }
     }
@@ -292,9 +383,16 @@ impl<S: ReadAt> Image<S> {
     }
 
     /// The bytes holding the first `nbits` bits of the data cluster at `off`.
-    pub(super) fn cluster_bytes<'a>(&'a self, off: u64, nbits: u64, scratch: &'a mut Vec<u8>) -> Result<&'a [u8]> {
+    pub(super) fn cluster_bytes<'a>(
+        &'a self,
+        off: u64,
+        nbits: u64,
+        scratch: &'a mut Vec<u8>,
+    ) -> Result<&'a [u8]> {
         let nbytes = usize::try_from(nbits.div_ceil(8)).unwrap_or(usize::MAX);
-        self.storage.read_at(off, nbytes, scratch).map_err(|e| Error::io("bitmap data cluster", Some(off), e))
+        self.storage
+            .read_at(off, nbytes, scratch)
+            .map_err(|e| Error::io("bitmap data cluster", Some(off), e))
     }
 
     /// Loads a whole bitmap into memory (memory: `nbits / 8` bytes, bounded
@@ -311,7 +409,8 @@ impl<S: ReadAt> Image<S> {
             let (first, end) = t.cluster_bits(k);
             match t.entries[k] {
                 TableEntry::Ones => map.set_range(first..end),
-                TableEntry::Data(off) => map.fill_from_le_bytes(first, self.cluster_bytes(off, end - first, &mut scratch)?),
+                TableEntry::Data(off) => map
+                    .fill_from_le_bytes(first, self.cluster_bytes(off, end - first, &mut scratch)?),
                 _ => {}
             }
         }
@@ -328,15 +427,33 @@ impl<S: ReadAt> Image<S> {
     pub fn raw_table(&self, b: &BitmapEntry) -> Result<Vec<u64>> {
         let e = &b.entry;
         let len = u64::from(e.table_size) * 8;
-        if e.table_offset.checked_add(len).is_none_or(|end| end > self.storage.len()) {
-            let msg = format!("table of {} entries at 0x{:x} runs past the end of the file ({} bytes)", e.table_size, e.table_offset, self.storage.len());
-            return Err(Error::corrupt(format!("bitmap '{}' directory entry", b.name()), e.offset, msg));
+        if e.table_offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.storage.len())
+        {
+            let msg = format!(
+                "table of {} entries at 0x{:x} runs past the end of the file ({} bytes)",
+                e.table_size,
+                e.table_offset,
+                self.storage.len()
+            );
+            return Err(Error::corrupt(
+                format!("bitmap '{}' directory entry", b.name()),
+                e.offset,
+                msg,
+            ));
         }
         let mut scratch = Vec::new();
         let bytes = self
             .storage
             .read_at(e.table_offset, len as usize, &mut scratch)
-            .map_err(|err| Error::io(format!("bitmap '{}' table", b.name()), Some(e.table_offset), err))?;
+            .map_err(|err| {
+                Error::io(
+                    format!("bitmap '{}' table", b.name()),
+                    Some(e.table_offset),
+                    err,
+                )
+            })?;
         Ok(bitmap_table::raw_entries(bytes).collect())
     }
 }

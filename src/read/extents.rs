@@ -49,13 +49,28 @@ impl<S: ReadAt> Image<S> {
     /// # Errors
     /// `Untrusted` unless `b` is `ok` or `force`; `InvalidInput` for a range
     /// beyond the virtual size; table errors.
-    pub fn extents(&self, b: &BitmapEntry, range: Option<(u64, u64)>, force: bool) -> Result<Extents<'_, S>> {
+    pub fn extents(
+        &self,
+        b: &BitmapEntry,
+        range: Option<(u64, u64)>,
+        force: bool,
+    ) -> Result<Extents<'_, S>> {
         self.require_ok(b, force)?;
         let (lo, hi) = self.check_range(range)?;
         let table = self.table(b)?;
         let g = table.granularity_bits;
         let (bit, bit_end) = (lo >> g, hi.div_ceil(1 << g).min(table.nbits));
-        Ok(Extents { image: self, table, lo, hi, bit, bit_end, loaded: None, words: Vec::new(), failed: false })
+        Ok(Extents {
+            image: self,
+            table,
+            lo,
+            hi,
+            bit,
+            bit_end,
+            loaded: None,
+            words: Vec::new(),
+            failed: false,
+        })
     }
 
     /// Validates a guest byte range against the virtual size.
@@ -78,7 +93,9 @@ impl<S: ReadAt> Image<S> {
 impl<S: ReadAt> Extents<'_, S> {
     /// The next run of set bits at or after `self.bit`, as bit indices.
     fn next_run(&mut self) -> Result<Option<(u64, u64)>> {
-        let Some(start) = self.find(true)? else { return Ok(None) };
+        let Some(start) = self.find(true)? else {
+            return Ok(None);
+        };
         self.bit = start;
         let end = self.find(false)?.unwrap_or(self.bit_end);
         self.bit = end;
@@ -105,10 +122,18 @@ impl<S: ReadAt> Extents<'_, S> {
         Ok(None)
     }
 
-    fn find_in_data(&mut self, k: usize, off: u64, first: u64, end: u64, want: bool) -> Result<Option<u64>> {
+    fn find_in_data(
+        &mut self,
+        k: usize,
+        off: u64,
+        first: u64,
+        end: u64,
+        want: bool,
+    ) -> Result<Option<u64>> {
         if self.loaded != Some(k) {
             let (_, cluster_end) = self.table.cluster_bits(k);
-            self.image.cluster_words(off, cluster_end - first, &mut self.words)?;
+            self.image
+                .cluster_words(off, cluster_end - first, &mut self.words)?;
             self.loaded = Some(k);
         }
         let (from, to) = (self.bit - first, end - first);
@@ -124,7 +149,10 @@ impl<S: ReadAt> Extents<'_, S> {
         let g = self.table.granularity_bits;
         let offset = (start << g).max(self.lo);
         let end = end.saturating_mul(1 << g).min(self.hi);
-        Extent { offset, length: end - offset }
+        Extent {
+            offset,
+            length: end - offset,
+        }
     }
 }
 

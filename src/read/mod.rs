@@ -21,8 +21,8 @@ pub use open::open_path;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::bitmaps_ext::BitmapsExt;
 use crate::format::directory::{self, Directory};
-use crate::format::extensions::{self, Extension};
 use crate::format::ext_type;
+use crate::format::extensions::{self, Extension};
 use crate::format::header::Header;
 use crate::storage::ReadAt;
 use crate::types::Geometry;
@@ -56,14 +56,23 @@ impl<S: ReadAt> Image<S> {
     /// problems are reported through [`Image::bitmaps`] instead.
     pub fn open(storage: S) -> Result<Self> {
         let header = read_header(&storage)?;
-        let (start, end) = (header.extensions_start(), header.extensions_end().min(storage.len()));
+        let (start, end) = (
+            header.extensions_start(),
+            header.extensions_end().min(storage.len()),
+        );
         let area_len = usize::try_from(end.saturating_sub(start)).unwrap_or(0);
         let mut scratch = Vec::new();
         let area_bytes = storage
             .read_at(start, area_len, &mut scratch)
             .map_err(|e| Error::io("header extension area", Some(start), e))?;
         let area = extensions::decode_area(area_bytes, start)?;
-        let mut image = Image { storage, header, extensions: area.extensions, end_marker: area.end_marker, bitmaps: BitmapsView::default() };
+        let mut image = Image {
+            storage,
+            header,
+            extensions: area.extensions,
+            end_marker: area.end_marker,
+            bitmaps: BitmapsView::default(),
+        };
         image.bitmaps = image.load_bitmaps_view();
         Ok(image)
     }
@@ -118,20 +127,42 @@ impl<S: ReadAt> Image<S> {
     /// # Errors
     /// `NotFound` when no entry has that name.
     pub fn find(&self, name: &str) -> Result<&BitmapEntry> {
-        self.bitmaps().iter().find(|b| b.entry.name == name.as_bytes()).ok_or_else(|| {
-            Error::new(ErrorKind::NotFound, format!("bitmap '{name}'"), None, "not found in the image")
-        })
+        self.bitmaps()
+            .iter()
+            .find(|b| b.entry.name == name.as_bytes())
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("bitmap '{name}'"),
+                    None,
+                    "not found in the image",
+                )
+            })
     }
 
     fn load_bitmaps_view(&self) -> BitmapsView {
-        let found: Vec<&Extension> = self.extensions.iter().filter(|e| e.kind == ext_type::BITMAPS).collect();
-        let Some(ext) = found.first() else { return BitmapsView::default() };
+        let found: Vec<&Extension> = self
+            .extensions
+            .iter()
+            .filter(|e| e.kind == ext_type::BITMAPS)
+            .collect();
+        let Some(ext) = found.first() else {
+            return BitmapsView::default();
+        };
         let data_offset = ext.offset + 8;
         let decoded = match BitmapsExt::decode(&ext.data, data_offset) {
             Ok(d) => d,
-            Err(e) => return BitmapsView { problem: Some(e), ..Default::default() },
+            Err(e) => {
+                return BitmapsView {
+                    problem: Some(e),
+                    ..Default::default()
+                };
+            }
         };
-        let mut view = BitmapsView { extension: Some((decoded, data_offset)), ..Default::default() };
+        let mut view = BitmapsView {
+            extension: Some((decoded, data_offset)),
+            ..Default::default()
+        };
         if let Err(e) = decoded.validate(self.geometry(), data_offset) {
             view.problem = Some(e);
             return view;
@@ -166,6 +197,8 @@ fn read_header<S: ReadAt>(storage: &S) -> Result<Header> {
     // The header is at most one cluster (validated below); 2 MiB bounds the read.
     let len = usize::try_from(storage.len().min(2 << 20)).unwrap_or(0);
     let mut scratch = Vec::new();
-    let bytes = storage.read_at(0, len, &mut scratch).map_err(|e| Error::io("qcow2 header", Some(0), e))?;
+    let bytes = storage
+        .read_at(0, len, &mut scratch)
+        .map_err(|e| Error::io("qcow2 header", Some(0), e))?;
     Header::decode(bytes)
 }

@@ -22,10 +22,17 @@ fn index_covers_every_fixture_image() {
         .filter(|n| n.ends_with(".qcow2"))
         .collect();
     on_disk.sort();
-    let mut indexed: Vec<String> = index().iter().map(|e| e["image"].as_str().unwrap().to_string()).collect();
+    let mut indexed: Vec<String> = index()
+        .iter()
+        .map(|e| e["image"].as_str().unwrap().to_string())
+        .collect();
     indexed.sort();
     assert_eq!(on_disk, indexed);
-    assert!(indexed.len() >= 15, "expected a broad fixture set, got {}", indexed.len());
+    assert!(
+        indexed.len() >= 15,
+        "expected a broad fixture set, got {}",
+        indexed.len()
+    );
 }
 
 #[test]
@@ -33,22 +40,46 @@ fn bitmaps_states_and_geometry_match_the_index() {
     for entry in index() {
         let name = entry["image"].as_str().unwrap();
         let image = open(name);
-        assert_eq!(image.virtual_size(), entry["virtual-size"].as_u64().unwrap(), "{name}");
-        assert_eq!(image.geometry().cluster_size(), entry["cluster-size"].as_u64().unwrap(), "{name}");
-        assert_eq!(u64::from(image.header().version), entry["version"].as_u64().unwrap(), "{name}");
+        assert_eq!(
+            image.virtual_size(),
+            entry["virtual-size"].as_u64().unwrap(),
+            "{name}"
+        );
+        assert_eq!(
+            image.geometry().cluster_size(),
+            entry["cluster-size"].as_u64().unwrap(),
+            "{name}"
+        );
+        assert_eq!(
+            u64::from(image.header().version),
+            entry["version"].as_u64().unwrap(),
+            "{name}"
+        );
         let want: Vec<(String, String, u64, bool)> = entry["bitmaps"]
             .as_array()
             .unwrap()
             .iter()
             .map(|b| {
                 let n = b["name"].as_str().unwrap().to_string();
-                (n, b["state"].as_str().unwrap().to_string(), b["granularity"].as_u64().unwrap(), b["enabled"].as_bool().unwrap())
+                (
+                    n,
+                    b["state"].as_str().unwrap().to_string(),
+                    b["granularity"].as_u64().unwrap(),
+                    b["enabled"].as_bool().unwrap(),
+                )
             })
             .collect();
         let got: Vec<(String, String, u64, bool)> = image
             .bitmaps()
             .iter()
-            .map(|b| (b.name(), image.status(b).state.as_str().to_string(), b.granularity(), b.entry.auto()))
+            .map(|b| {
+                (
+                    b.name(),
+                    image.status(b).state.as_str().to_string(),
+                    b.granularity(),
+                    b.entry.auto(),
+                )
+            })
             .collect();
         assert_eq!(got, want, "{name}");
     }
@@ -60,11 +91,23 @@ fn bitmap_list_and_flags_match_qemu_img_info() {
         let name = entry["image"].as_str().unwrap();
         let info = read_json(&expected(stem(name), "info.json"));
         let image = open(name);
-        assert_eq!(info["virtual-size"].as_u64(), Some(image.virtual_size()), "{name}");
-        assert_eq!(info["cluster-size"].as_u64(), Some(image.geometry().cluster_size()), "{name}");
+        assert_eq!(
+            info["virtual-size"].as_u64(),
+            Some(image.virtual_size()),
+            "{name}"
+        );
+        assert_eq!(
+            info["cluster-size"].as_u64(),
+            Some(image.geometry().cluster_size()),
+            "{name}"
+        );
         let data = &info["format-specific"]["data"];
         if image.header().version >= 3 {
-            assert_eq!(data["refcount-bits"].as_u64(), Some(u64::from(image.header().refcount_bits())), "{name}");
+            assert_eq!(
+                data["refcount-bits"].as_u64(),
+                Some(u64::from(image.header().refcount_bits())),
+                "{name}"
+            );
         }
         // qemu-img lists bitmaps only when the extension is consistent.
         let qemu: Vec<(String, u64, Vec<String>)> = data["bitmaps"]
@@ -72,14 +115,27 @@ fn bitmap_list_and_flags_match_qemu_img_info() {
             .map(|bs| {
                 bs.iter()
                     .map(|b| {
-                        let flags = b["flags"].as_array().unwrap().iter().map(|f| f.as_str().unwrap().to_string()).collect();
-                        (b["name"].as_str().unwrap().to_string(), b["granularity"].as_u64().unwrap(), flags)
+                        let flags = b["flags"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|f| f.as_str().unwrap().to_string())
+                            .collect();
+                        (
+                            b["name"].as_str().unwrap().to_string(),
+                            b["granularity"].as_u64().unwrap(),
+                            flags,
+                        )
                     })
                     .collect()
             })
             .unwrap_or_default();
         let ours: Vec<(String, u64, Vec<String>)> = if image.bitmaps_consistent() {
-            image.bitmaps().iter().map(|b| (b.name(), b.granularity(), flags(b))).collect()
+            image
+                .bitmaps()
+                .iter()
+                .map(|b| (b.name(), b.granularity(), flags(b)))
+                .collect()
         } else {
             Vec::new()
         };
@@ -100,7 +156,11 @@ fn flags(b: &qcow2_bitmap::read::BitmapEntry) -> Vec<String> {
 
 fn qmp_bitmap(stem: &str, bitmap: &str) -> Option<serde_json::Value> {
     let qmp = read_json(&expected(stem, "qmp.json"));
-    qmp["bitmaps"].as_array()?.iter().find(|b| b["name"] == bitmap).cloned()
+    qmp["bitmaps"]
+        .as_array()?
+        .iter()
+        .find(|b| b["name"] == bitmap)
+        .cloned()
 }
 
 #[test]
@@ -112,15 +172,33 @@ fn extents_match_nbdinfo_maps_for_every_ok_bitmap() {
         for b in image.bitmaps() {
             let map = expected(stem(name), &format!("map-{}.json", b.name()));
             if image.status(b).state != BitmapState::Ok {
-                assert!(!map.exists(), "{name}/{}: QEMU exported a bitmap we call unusable", b.name());
+                assert!(
+                    !map.exists(),
+                    "{name}/{}: QEMU exported a bitmap we call unusable",
+                    b.name()
+                );
                 continue;
             }
-            let ours: Vec<Extent> = image.extents(b, None, false).unwrap().collect::<Result<_, _>>().unwrap();
+            let ours: Vec<Extent> = image
+                .extents(b, None, false)
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
             let ours: Vec<(u64, u64)> = ours.iter().map(|e| (e.offset, e.length)).collect();
-            assert_eq!(merge(ours.clone()), ours, "{name}/{}: extents are not maximal", b.name());
+            assert_eq!(
+                merge(ours.clone()),
+                ours,
+                "{name}/{}: extents are not maximal",
+                b.name()
+            );
             assert_eq!(ours, nbd_dirty(&read_json(&map)), "{name}/{}", b.name());
             let total: u64 = ours.iter().map(|e| e.1).sum();
-            assert_eq!(image.status(b).dirty_bytes, Some(total), "{name}/{}", b.name());
+            assert_eq!(
+                image.status(b).dirty_bytes,
+                Some(total),
+                "{name}/{}",
+                b.name()
+            );
             compared += 1;
         }
     }
@@ -137,7 +215,9 @@ fn sha256_matches_qmp_for_every_ok_bitmap() {
             if image.status(b).state != BitmapState::Ok {
                 continue;
             }
-            let Some(q) = qmp_bitmap(stem(name), &b.name()) else { continue };
+            let Some(q) = qmp_bitmap(stem(name), &b.name()) else {
+                continue;
+            };
             let ours = qcow2_bitmap::read::hex(&image.sha256(b, false).unwrap());
             assert_eq!(ours, q["sha256"].as_str().unwrap(), "{name}/{}", b.name());
             compared += 1;
@@ -159,10 +239,23 @@ fn loaded_bitmap_agrees_with_extents_and_qmp_count() {
             let gran = b.granularity();
             // QMP's count is whole granules (not clipped to the virtual size).
             if let Some(q) = qmp_bitmap(stem(name), &b.name()) {
-                assert_eq!(map.count_ones() * gran, q["count"].as_u64().unwrap(), "{name}/{}", b.name());
+                assert_eq!(
+                    map.count_ones() * gran,
+                    q["count"].as_u64().unwrap(),
+                    "{name}/{}",
+                    b.name()
+                );
             }
-            let runs: Vec<(u64, u64)> = map.runs().map(|r| (r.start * gran, (r.end * gran).min(image.virtual_size()))).collect();
-            let ext: Vec<(u64, u64)> = image.extents(b, None, false).unwrap().map(|e| e.unwrap()).map(|e| (e.offset, e.end())).collect();
+            let runs: Vec<(u64, u64)> = map
+                .runs()
+                .map(|r| (r.start * gran, (r.end * gran).min(image.virtual_size())))
+                .collect();
+            let ext: Vec<(u64, u64)> = image
+                .extents(b, None, false)
+                .unwrap()
+                .map(|e| e.unwrap())
+                .map(|e| (e.offset, e.end()))
+                .collect();
             assert_eq!(runs, ext, "{name}/{}", b.name());
         }
     }
@@ -181,7 +274,10 @@ fn in_use_and_stale_bitmaps_are_refused_unless_forced() {
     let stale = open("stale.qcow2");
     let b0 = stale.find("b0").unwrap();
     let e = stale.load(b0, false).unwrap_err();
-    assert!(e.to_string().contains("is stale (autoclear bit 0 is clear"), "{e}");
+    assert!(
+        e.to_string().contains("is stale (autoclear bit 0 is clear"),
+        "{e}"
+    );
     assert!(stale.load(b0, true).is_ok());
 }
 
@@ -192,8 +288,16 @@ fn fixture_images_are_the_recorded_bytes() {
     for line in sums.lines().filter(|l| !l.trim().is_empty()) {
         let (sum, file) = line.split_once(char::is_whitespace).unwrap();
         let file = file.trim().trim_start_matches('*');
-        let file = std::path::Path::new(file).file_name().unwrap().to_str().unwrap();
-        assert_eq!(sha256_file(&fixture(file)), sum, "{file} differs from the recorded image");
+        let file = std::path::Path::new(file)
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap();
+        assert_eq!(
+            sha256_file(&fixture(file)),
+            sum,
+            "{file} differs from the recorded image"
+        );
         n += 1;
     }
     assert!(n >= 15);

@@ -24,12 +24,18 @@ pub fn read_json(path: &Path) -> serde_json::Value {
 
 /// The fixture index: one entry per image.
 pub fn index() -> Vec<serde_json::Value> {
-    read_json(&fixtures_dir().join("expected/index.json")).as_array().expect("index is an array").clone()
+    read_json(&fixtures_dir().join("expected/index.json"))
+        .as_array()
+        .expect("index is an array")
+        .clone()
 }
 
 /// Runs the built binary.
 pub fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qcow2-bitmap")).args(args).output().expect("run qcow2-bitmap")
+    Command::new(env!("CARGO_BIN_EXE_qcow2-bitmap"))
+        .args(args)
+        .output()
+        .expect("run qcow2-bitmap")
 }
 
 pub fn stdout(o: &Output) -> String {
@@ -43,7 +49,11 @@ pub fn stderr(o: &Output) -> String {
 /// Whether QEMU's tools are usable here. When they are not, prints a visible
 /// SKIPPED line, or panics if `QCOW2_BITMAP_REQUIRE_QEMU=1`.
 pub fn qemu_available(test: &str, tools: &[&str]) -> bool {
-    let missing: Vec<&str> = tools.iter().copied().filter(|t| which(t).is_none()).collect();
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|t| which(t).is_none())
+        .collect();
     if missing.is_empty() {
         return true;
     }
@@ -57,7 +67,9 @@ pub fn qemu_available(test: &str, tools: &[&str]) -> bool {
 
 pub fn which(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(tool)).find(|p| p.is_file())
+    std::env::split_paths(&path)
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
 }
 
 /// Merges adjacent ranges.
@@ -75,13 +87,24 @@ pub fn merge(ranges: impl IntoIterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
 /// Dirty ranges of an nbdinfo `--json --map` document.
 pub fn nbd_dirty(map: &serde_json::Value) -> Vec<(u64, u64)> {
     let items = map.as_array().expect("nbdinfo map is an array");
-    merge(items.iter().filter(|e| e["type"].as_u64() == Some(1)).map(|e| {
-        (e["offset"].as_u64().expect("offset"), e["length"].as_u64().expect("length"))
-    }))
+    merge(
+        items
+            .iter()
+            .filter(|e| e["type"].as_u64() == Some(1))
+            .map(|e| {
+                (
+                    e["offset"].as_u64().expect("offset"),
+                    e["length"].as_u64().expect("length"),
+                )
+            }),
+    )
 }
 
 pub fn sha256_file(path: &Path) -> String {
     use sha2::{Digest, Sha256};
     let bytes = std::fs::read(path).expect("read file");
-    Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

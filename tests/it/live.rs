@@ -1,0 +1,1 @@
+//! Live QEMU oracle tests.
