@@ -62,6 +62,12 @@ impl<'a> Runs<'a> {
         if self.cur != 0 {
             return true;
         }
+        // Dense bitmaps: the next word usually has a bit; skip the chunk scan.
+        if let Some(&w) = self.words.get(self.idx + 1).filter(|&&w| w != 0) {
+            self.idx += 1;
+            self.cur = w;
+            return true;
+        }
         let rest = self.words.get(self.idx + 1..).unwrap_or(&[]);
         match first_word_not(rest, 0) {
             Some(k) => {
