@@ -3,7 +3,7 @@
 //!
 //! Bit `i` of a slice is bit `i % 64` of word `i / 64` (LSB first). Whole-slice
 //! kernels are plain `zip`/fold loops that LLVM vectorises; range kernels are
-//! loops over the [`Masks`] primitive. Ranges that reach past the slice are
+//! loops over the `Masks` primitive (`mask.rs`). Ranges that reach past the slice are
 //! clipped to it; an empty or reversed range is a no-op. No kernel allocates
 //! or panics. This module does not know about lengths shorter than the slice
 //! (that is [`Bitmap`](super::Bitmap)'s job) nor about byte order.
