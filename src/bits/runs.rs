@@ -48,6 +48,7 @@ impl<'a> Runs<'a> {
     }
 
     /// An iterator that yields nothing more.
+    #[inline]
     fn finished(end: u64) -> Runs<'a> {
         Runs {
             words: &[],
@@ -58,8 +59,15 @@ impl<'a> Runs<'a> {
     }
 
     /// Moves to the next word holding a set bit; false when none is left.
+    #[inline]
     fn seek_one(&mut self) -> bool {
         if self.cur != 0 {
+            return true;
+        }
+        // Dense bitmaps: the next word usually has a bit; skip the chunk scan.
+        if let Some(&w) = self.words.get(self.idx + 1).filter(|&&w| w != 0) {
+            self.idx += 1;
+            self.cur = w;
             return true;
         }
         let rest = self.words.get(self.idx + 1..).unwrap_or(&[]);
@@ -75,6 +83,7 @@ impl<'a> Runs<'a> {
 
     /// With a run starting at bit `tz` of `cur`, returns the run's exclusive
     /// end and leaves `idx`/`cur` just past it.
+    #[inline]
     fn run_end(&mut self, tz: u32) -> u64 {
         let ones = (self.cur >> tz).trailing_ones();
         if tz + ones < 64 {
@@ -103,6 +112,7 @@ impl<'a> Runs<'a> {
 impl Iterator for Runs<'_> {
     type Item = Range<u64>;
 
+    #[inline]
     fn next(&mut self) -> Option<Range<u64>> {
         if !self.seek_one() {
             *self = Runs::finished(self.end);

@@ -3,7 +3,7 @@
 //!
 //! Bit `i` of a slice is bit `i % 64` of word `i / 64` (LSB first). Whole-slice
 //! kernels are plain `zip`/fold loops that LLVM vectorises; range kernels are
-//! loops over the [`Masks`] primitive. Ranges that reach past the slice are
+//! loops over the `Masks` primitive (`mask.rs`). Ranges that reach past the slice are
 //! clipped to it; an empty or reversed range is a no-op. No kernel allocates
 //! or panics. This module does not know about lengths shorter than the slice
 //! (that is [`Bitmap`](super::Bitmap)'s job) nor about byte order.
@@ -100,6 +100,7 @@ pub fn clear_range(words: &mut [u64], range: Range<u64>) {
 /// a branch-free, vectorisable reduction, so long runs of boring words (the
 /// common case: all-zero regions of a sparse dirty bitmap) cost little more
 /// than reading them.
+#[inline]
 pub(crate) fn first_word_not(words: &[u64], boring: u64) -> Option<usize> {
     let mut chunks = words.chunks_exact(CHUNK);
     let mut base = 0;
@@ -135,6 +136,7 @@ fn next_differing(words: &[u64], range: Range<u64>, boring: u64) -> Option<u64> 
 }
 
 /// Index of bit 0 of word `i`.
+#[inline]
 pub(crate) fn word_start(i: usize) -> u64 {
     // A slice index always fits in u64 on supported hosts (usize <= 64 bits).
     (i as u64) * WORD_BITS
