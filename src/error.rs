@@ -33,7 +33,7 @@ pub enum ErrorKind {
 /// An error with its object, optional file offset and optional I/O cause.
 ///
 /// `thiserror` derives `std::error::Error` (with the I/O cause as `source()`);
-/// the one-line text comes from [`Error::render`].
+/// the one-line text is `OBJECT at offset N (0xN): MESSAGE`.
 #[derive(Debug, thiserror::Error)]
 #[error("{}", self.render())]
 pub struct Error {
