@@ -43,6 +43,9 @@ fn plan(path: &str, name: &str) -> qcow2_bitmap::Result<()> {
         n += 1;
         bytes += extent.length;
     }
-    println!("incremental backup: {n} ranges, {bytes} bytes of {}", image.virtual_size());
+    println!(
+        "incremental backup: {n} ranges, {bytes} bytes of {}",
+        image.virtual_size()
+    );
     Ok(())
 }

@@ -202,3 +202,9 @@ fn read_header<S: ReadAt>(storage: &S) -> Result<Header> {
         .map_err(|e| Error::io("qcow2 header", Some(0), e))?;
     Header::decode(bytes)
 }
+
+#[cfg(test)]
+mod testimage;
+
+#[cfg(test)]
+mod tests;
