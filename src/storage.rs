@@ -74,6 +74,104 @@ impl<T: ReadAt + ?Sized> ReadAt for &T {
     }
 }
 
+/// Positional storage that can also be written. Writes are not durable
+/// until [`WriteAt::sync`] returns (the write path's commit protocol relies on
+/// exactly that, and tests inject crashes between writes and syncs).
+pub trait WriteAt: ReadAt {
+    /// Writes all of `data` at `offset`, growing the storage if needed.
+    ///
+    /// # Errors
+    /// I/O errors (including an injected crash in tests).
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
+
+    /// Makes every earlier write durable (fdatasync for files).
+    ///
+    /// # Errors
+    /// I/O errors (including an injected crash in tests).
+    fn sync(&mut self) -> io::Result<()>;
+}
+
+impl WriteAt for Vec<u8> {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let start = usize::try_from(offset).map_err(io::Error::other)?;
+        let end = start
+            .checked_add(data.len())
+            .ok_or_else(|| io::Error::other("write past usize::MAX"))?;
+        if end > self.len() {
+            self.resize(end, 0);
+        }
+        self[start..end].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A file opened read-write, accessed with `pread`/`pwrite`.
+///
+/// Reads copy into the caller's scratch buffer (no mapping, so the file can
+/// grow while it is open).
+#[derive(Debug)]
+pub struct RwFile {
+    file: File,
+    len: u64,
+}
+
+impl RwFile {
+    /// Wraps a file opened read-write (which should already hold its locks).
+    ///
+    /// # Errors
+    /// Fails when the file cannot be stat'ed.
+    pub fn new(file: File) -> io::Result<Self> {
+        let len = file.metadata()?.len();
+        Ok(RwFile { file, len })
+    }
+
+    /// The underlying file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+impl ReadAt for RwFile {
+    fn len(&self) -> u64 {
+        self.len
+    }
+    fn read_at<'a>(
+        &'a self,
+        offset: u64,
+        len: usize,
+        scratch: &'a mut Vec<u8>,
+    ) -> io::Result<&'a [u8]> {
+        use std::os::unix::fs::FileExt;
+        if offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > self.len)
+        {
+            return Err(eof(offset, len, self.len));
+        }
+        scratch.clear();
+        scratch.resize(len, 0);
+        self.file.read_exact_at(scratch, offset)?;
+        Ok(scratch)
+    }
+}
+
+impl WriteAt for RwFile {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.write_all_at(data, offset)?;
+        self.len = self.len.max(offset.saturating_add(data.len() as u64));
+        Ok(())
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
 /// A file opened read-only and mapped into memory.
 ///
 /// The [`File`] is kept so that its byte-range locks live as long as the map.
@@ -135,6 +233,28 @@ impl ReadAt for MappedFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_writes_grow() {
+        let mut v = vec![1u8, 2];
+        v.write_at(4, &[9, 9]).unwrap();
+        assert_eq!(v, [1, 2, 0, 0, 9, 9]);
+        v.write_at(0, &[7]).unwrap();
+        assert_eq!(v[0], 7);
+        v.sync().unwrap();
+    }
+
+    #[test]
+    fn rw_file_reads_what_it_wrote() {
+        let f = tempfile::tempfile().unwrap();
+        let mut rw = RwFile::new(f).unwrap();
+        rw.write_at(10, b"abc").unwrap();
+        assert_eq!(ReadAt::len(&rw), 13);
+        let mut s = Vec::new();
+        assert_eq!(rw.read_at(10, 3, &mut s).unwrap(), b"abc");
+        assert!(rw.read_at(11, 3, &mut s).is_err());
+        rw.sync().unwrap();
+    }
 
     #[test]
     fn memory_reads_and_bounds() {

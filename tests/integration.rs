@@ -17,3 +17,6 @@ mod cli;
 
 #[path = "it/live.rs"]
 mod live;
+
+#[path = "it/hostile.rs"]
+mod hostile;
