@@ -108,3 +108,82 @@ pub fn sha256_file(path: &Path) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+/// A storage double that records writes and syncs and "crashes" at a chosen
+/// operation (the failing write or sync does not happen; later calls fail too).
+/// After a crash, [`CrashStore::durable`] is the image with unsynced writes
+/// lost, and [`CrashStore::live`] the image with every issued write landed.
+#[derive(Debug, Clone)]
+pub struct CrashStore {
+    durable: Vec<u8>,
+    live: Vec<u8>,
+    ops: usize,
+    crash_at: Option<usize>,
+    pub writes: usize,
+    pub syncs: usize,
+}
+
+impl CrashStore {
+    pub fn new(image: Vec<u8>, crash_at: Option<usize>) -> Self {
+        CrashStore {
+            durable: image.clone(),
+            live: image,
+            ops: 0,
+            crash_at,
+            writes: 0,
+            syncs: 0,
+        }
+    }
+
+    pub fn durable(&self) -> &[u8] {
+        &self.durable
+    }
+
+    pub fn live(&self) -> &[u8] {
+        &self.live
+    }
+
+    /// Operations (writes + syncs) issued so far.
+    pub fn ops(&self) -> usize {
+        self.ops
+    }
+
+    fn step(&mut self) -> std::io::Result<()> {
+        self.ops += 1;
+        if self.crash_at.is_some_and(|c| self.ops >= c) {
+            return Err(std::io::Error::other(format!(
+                "injected crash at operation {}",
+                self.ops
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl qcow2_bitmap::storage::ReadAt for CrashStore {
+    fn len(&self) -> u64 {
+        self.live.len() as u64
+    }
+    fn read_at<'a>(
+        &'a self,
+        offset: u64,
+        len: usize,
+        s: &'a mut Vec<u8>,
+    ) -> std::io::Result<&'a [u8]> {
+        self.live.read_at(offset, len, s)
+    }
+}
+
+impl qcow2_bitmap::storage::WriteAt for CrashStore {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.step()?;
+        self.writes += 1;
+        self.live.write_at(offset, data)
+    }
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.step()?;
+        self.syncs += 1;
+        self.durable = self.live.clone();
+        Ok(())
+    }
+}
