@@ -64,8 +64,8 @@ fn merge(m: &MergeArgs) -> Outcome {
             Ok(())
         });
     };
-    let ctx = |p: &Path| move |e: qcow2_bitmap::Error| Failure::Lib(e.context(p.display()));
-    let source = read::open_path(src_path, Access::Read).map_err(ctx(src_path))?;
+    let source = read::open_path(src_path, Access::Read)
+        .map_err(|e| Failure::Lib(e.context(src_path.display())))?;
     run(&m.image, |tx| {
         for s in &m.sources {
             let b = source.find(s).map_err(|e| e.context(src_path.display()))?;
