@@ -11,6 +11,7 @@ pub mod bitmaps_ext;
 pub mod directory;
 pub mod extensions;
 pub mod header;
+pub mod refcount;
 
 /// `"QFI\xfb"`, the first four bytes of every qcow2 image.
 pub const QCOW2_MAGIC: u32 = 0x5146_49fb;

@@ -151,8 +151,9 @@ impl<S: WriteAt> Transaction<S> {
             );
             self.write(off, &padded, "bitmap directory")?;
         }
+        // Makes the increments durable (and commits a moved refcount table
+        // with its own header write); switch_header re-reads the header.
         self.refcounts.flush_increments(&mut self.storage)?;
-        self.sync()?;
         self.switch_header(ext)?;
         self.release_old()?;
         Ok(self.storage)
@@ -215,7 +216,9 @@ impl<S: WriteAt> Transaction<S> {
         }
         for (first, count) in std::mem::take(&mut self.frees) {
             for c in first.0..first.0.saturating_add(count) {
-                self.refcounts.queue_free(HostCluster(c));
+                // After the commit point a cluster that cannot be freed (its
+                // refcount is already 0) is left alone: the new state stands.
+                let _ = self.refcounts.queue_free(&self.storage, HostCluster(c));
             }
         }
         self.refcounts.apply_decrements(&mut self.storage)?;
