@@ -273,50 +273,66 @@ impl<S: WriteAt> Transaction<S> {
                 msg,
             ));
         }
-        let old = self.load_staged(i)?;
+        let mut merged = self.load_staged(i)?;
         let tgt_bits = u32::from(self.staged[i].entry.granularity_bits);
-        let mut merged = old.clone();
-        if source.granularity_bits == tgt_bits && source.bits.len() == merged.len() {
-            merged
-                .or_assign(source.bits)
-                .map_err(|e| Error::invalid_input("merge", e.to_string()))?;
+        let resampled;
+        let src = if source.granularity_bits == tgt_bits && source.bits.len() == merged.len() {
+            source.bits
         } else {
-            let r = bits::resample::resample(
-                source.bits,
-                source.granularity_bits,
-                tgt_bits,
-                merged.len(),
-            );
-            merged
-                .or_assign(&r)
-                .map_err(|e| Error::invalid_input("merge", e.to_string()))?;
-        }
-        if merged == old {
+            let len = merged.len();
+            resampled =
+                bits::resample::resample(source.bits, source.granularity_bits, tgt_bits, len);
+            &resampled
+        };
+        // A table cluster changes iff the source brings a bit the target lacks there.
+        let words_per = self.geometry().cluster_len() / 8;
+        let changed: Vec<bool> = merged
+            .words()
+            .chunks(words_per)
+            .zip(src.words().chunks(words_per))
+            .map(|(t, s)| t.iter().zip(s).any(|(t, s)| s & !t != 0))
+            .collect();
+        if !changed.contains(&true) {
             return Ok(());
         }
-        self.replace_changed_clusters(i, &old, merged)
+        merged
+            .or_assign(src)
+            .map_err(|e| Error::invalid_input("merge", e.to_string()))?;
+        self.replace_changed_clusters(i, &changed, merged)
     }
 
-    /// Plans a new table for bitmap `i` holding `merged`: clusters equal to
-    /// `old` keep their entries, changed ones get new data clusters.
-    fn replace_changed_clusters(&mut self, i: usize, old: &Bitmap, merged: Bitmap) -> Result<()> {
+    /// Plans a new table for bitmap `i` holding `merged`: clusters not marked
+    /// in `changed` keep their entries, changed ones get new data clusters.
+    /// (Memory: the merged bitmap only; the old content is never copied.)
+    fn replace_changed_clusters(
+        &mut self,
+        i: usize,
+        changed: &[bool],
+        merged: Bitmap,
+    ) -> Result<()> {
         let g = self.geometry();
         let old_raw = self.current_raw(i)?;
-        let words_per = g.cluster_len() / 8;
         let mut raw = old_raw.clone();
-        let mut writes = Vec::new();
         for (k, entry) in raw.iter_mut().enumerate() {
-            let w = k * words_per..((k + 1) * words_per).min(merged.words().len());
-            if w.start >= w.end || merged.words()[w.clone()] == old.words()[w.clone()] {
-                continue;
+            if changed.get(k).copied().unwrap_or(false) {
+                let c = self.refcounts.allocate(&self.storage, 1)?;
+                *entry = TableEntry::Data(g.offset_of(c).map(|o| o.0).unwrap_or(0)).encode();
             }
-            if bits::words::is_all_zero(&merged.words()[w]) {
-                *entry = 0;
-                continue;
-            }
-            let c = self.refcounts.allocate(&self.storage, 1)?;
-            *entry = TableEntry::Data(g.offset_of(c).map(|o| o.0).unwrap_or(0)).encode();
-            writes.push((k, c));
+        }
+        let mut writes: Vec<(usize, crate::types::HostCluster)> = raw
+            .iter()
+            .enumerate()
+            .filter(|&(k, _)| changed.get(k).copied().unwrap_or(false))
+            .map(|(k, &r)| (k, g.cluster_of(crate::types::HostOffset(r))))
+            .collect();
+        // Clusters planned by an earlier merge in this transaction and not
+        // replaced now must still be written (from the final bits).
+        if let Some(p) = &self.staged[i].pending {
+            let earlier = p
+                .writes
+                .iter()
+                .filter(|(k, _)| !changed.get(*k).copied().unwrap_or(false));
+            writes.extend(earlier.copied());
         }
         let table = self.allocate_clusters(g.clusters_for(raw.len() as u64 * 8))?;
         // Old table and the data clusters no longer referenced are freed after commit.

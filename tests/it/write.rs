@@ -285,3 +285,35 @@ fn removing_the_last_bitmap_drops_the_extension() {
     assert!(img.bitmaps_consistent());
     assert_eq!(img.find("first").unwrap().granularity(), 65536);
 }
+
+#[test]
+fn several_operations_in_one_transaction_commit_together() {
+    let before = std::fs::read(fixture("cs512.qcow2")).unwrap();
+    let old = snapshot(&before);
+    let out = commit(before, |tx| {
+        tx.add("m", Some(512), false)?;
+        for src in ["g4k", "g512"] {
+            let (bits, gb) = tx.load(src)?;
+            let size = tx.virtual_size();
+            tx.merge(
+                "m",
+                &MergeSource {
+                    bits: &bits,
+                    granularity_bits: gb,
+                    virtual_size: size,
+                },
+            )?;
+        }
+        tx.clear("g4k")?;
+        tx.set_enabled("g512", false)
+    });
+    let new = snapshot(&out);
+    let mut want = old["g512"].2.clone();
+    let r = qcow2_bitmap::bits::resample::resample(&old["g4k"].2, 12, 9, want.len());
+    want.or_assign(&r).unwrap();
+    assert!(new["m"].2 == want, "m = g512 | g4k");
+    assert!(new["m"].2.count_ones() > old["g512"].2.count_ones());
+    assert_eq!(new["g4k"].2.count_ones(), 0);
+    assert!(!new["g512"].0);
+    assert!(new["g512"].2 == old["g512"].2);
+}
