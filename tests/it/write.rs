@@ -213,10 +213,8 @@ fn a_new_bitmap_has_only_zero_table_entries() {
 #[test]
 fn refusals_leave_the_image_untouched() {
     let bytes = std::fs::read(fixture("several.qcow2")).unwrap();
-    let cases: Vec<(
-        &str,
-        Box<dyn Fn(&mut Transaction<Vec<u8>>) -> qcow2_bitmap::Result<()>>,
-    )> = vec![
+    type Op = Box<dyn Fn(&mut Transaction<Vec<u8>>) -> qcow2_bitmap::Result<()>>;
+    let cases: Vec<(&str, Op)> = vec![
         ("already exists", Box::new(|tx| tx.add("a", None, true))),
         ("is empty", Box::new(|tx| tx.add("", None, true))),
         (
