@@ -27,6 +27,24 @@
 //! # }
 //! ```
 //!
+//! Rotating checkpoints offline is one [`write::Transaction`]: every staged
+//! operation lands with one header switch, or none does.
+//!
+//! ```
+//! # fn main() -> qcow2_bitmap::Result<()> {
+//! # let dir = std::env::temp_dir().join(format!("qcow2-bitmap-doc-{}", std::process::id()));
+//! # std::fs::create_dir_all(&dir).unwrap();
+//! # let path = dir.join("disk.qcow2");
+//! # std::fs::copy("fixtures/demo.qcow2", &path).unwrap();
+//! let mut tx = qcow2_bitmap::write::open_path(&path)?;
+//! tx.set_enabled("ckpt-3", false)?;
+//! tx.add("ckpt-4", None, true)?;
+//! tx.commit()?;
+//! # std::fs::remove_dir_all(&dir).unwrap();
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! A bitmap that cannot be trusted (in use after a crash, stale after a
 //! program without bitmap support wrote the image, or malformed) is refused
 //! with [`ErrorKind::Untrusted`] unless the caller forces it: the safe
@@ -35,6 +53,8 @@
 //! Layout of the crate:
 //! - [`mod@format`]: decode and encode on-disk records (bytes only, no I/O).
 //! - [`read`]: open an image and read bitmaps; never writes.
+//! - [`write`]: crash-safe transactions that add, remove, clear, enable,
+//!   disable and merge bitmaps, writing only what changes.
 //! - [`bits`]: word-parallel bitmap kernels; knows nothing about qcow2.
 //! - [`storage`]: positional storage ([`storage::ReadAt`]) over memory or a mapped file.
 //! - [`lock`]: QEMU-compatible image locks.
