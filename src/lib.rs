@@ -53,7 +53,7 @@
 //! Layout of the crate:
 //! - [`mod@format`]: decode and encode on-disk records (bytes only, no I/O).
 //! - [`read`]: open an image and read bitmaps; never writes.
-//! - [`write`]: crash-safe transactions that add, remove, clear, enable,
+//! - [`mod@write`]: crash-safe transactions that add, remove, clear, enable,
 //!   disable and merge bitmaps, writing only what changes.
 //! - [`bits`]: word-parallel bitmap kernels; knows nothing about qcow2.
 //! - [`storage`]: positional storage ([`storage::ReadAt`]) over memory or a mapped file.
