@@ -11,11 +11,13 @@
 mod bitmaps;
 mod extents;
 mod hash;
+mod lint;
 mod open;
 
 pub use bitmaps::{BitmapEntry, BitmapState, BitmapStatus, Table, expected_dimensions};
 pub use extents::{Extent, Extents};
 pub use hash::hex;
+pub use lint::{Finding, Severity};
 pub use open::open_path;
 
 use crate::error::{Error, ErrorKind, Result};

@@ -327,3 +327,65 @@ fn fixture_images_are_the_recorded_bytes() {
     }
     assert!(n >= 15);
 }
+
+#[test]
+fn bitmap_rules_flag_exactly_the_broken_fixtures() {
+    use qcow2_bitmap::read::Severity;
+    let summary = |name: &str| -> Vec<(Severity, Option<String>)> {
+        open(name)
+            .lint_bitmaps()
+            .into_iter()
+            .map(|f| (f.severity, f.bitmap))
+            .collect()
+    };
+    for clean in [
+        "one.qcow2",
+        "several.qcow2",
+        "demo.qcow2",
+        "huge.qcow2",
+        "cs2m.qcow2",
+        "extl2.qcow2",
+        "rc1.qcow2",
+        "rc64.qcow2",
+        "full.qcow2",
+        "allones.qcow2",
+        "empty.qcow2",
+        "backing.qcow2",
+        "unknown-ext.qcow2",
+        "gran-range.qcow2",
+        "cs512.qcow2",
+    ] {
+        assert_eq!(summary(clean), vec![], "{clean}");
+    }
+    let tail = summary("tail-bits.qcow2");
+    let names: Vec<&str> = tail
+        .iter()
+        .map(|(s, b)| {
+            assert_eq!(*s, Severity::Corruption);
+            b.as_deref().unwrap()
+        })
+        .collect();
+    assert_eq!(names, ["tail-byte", "tail-word", "tail-cluster"]);
+    let inuse = summary("inuse.qcow2");
+    assert_eq!(
+        inuse
+            .iter()
+            .filter(|(s, _)| *s == Severity::Unusable)
+            .count(),
+        3
+    );
+    assert!(inuse.iter().all(|(s, _)| *s == Severity::Unusable));
+    assert_eq!(summary("stale.qcow2"), vec![(Severity::Unusable, None)]);
+    assert_eq!(summary("v2.qcow2"), vec![(Severity::Unusable, None)]);
+    let bad = open("invalid-entry.qcow2").lint_bitmaps();
+    assert_eq!(bad.len(), 1);
+    assert_eq!(
+        (bad[0].severity, bad[0].bitmap.as_deref()),
+        (Severity::Corruption, Some("bad"))
+    );
+    assert!(
+        bad[0].message.contains("reserved bits 0x2 are set"),
+        "{}",
+        bad[0].message
+    );
+}

@@ -1,0 +1,201 @@
+//! Every bitmap rule of the format, as findings for `check`: the extension,
+//! each directory entry (QEMU's constraints and the ones QEMU does not
+//! enforce), each table (entries, exact size, location), tail bits past the
+//! virtual size, in-use bitmaps and a stale extension. Refcount accounting
+//! is `refcheck`'s business; this module reads tables and data only.
+
+use super::{BitmapEntry, BitmapState, Image};
+use crate::bits;
+use crate::format::autoclear;
+use crate::format::bitmap_table::TableEntry;
+use crate::storage::ReadAt;
+
+/// How bad a finding is (the `check` exit status follows the worst one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Severity {
+    /// Clusters counted but unused: harmless, reclaimable.
+    Leak,
+    /// A bitmap that exists but cannot be trusted (in use, stale).
+    Unusable,
+    /// The format is broken (QEMU may refuse the image).
+    Corruption,
+}
+
+impl Severity {
+    /// The contract's name: `leak`, `unusable-bitmap`, `corruption`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Leak => "leak",
+            Severity::Unusable => "unusable-bitmap",
+            Severity::Corruption => "corruption",
+        }
+    }
+}
+
+/// One problem found by `check`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    /// How bad it is.
+    pub severity: Severity,
+    /// The bitmap concerned, if any.
+    pub bitmap: Option<String>,
+    /// File offset of the offending bytes, if known.
+    pub offset: Option<u64>,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn finding(
+    severity: Severity,
+    bitmap: Option<&BitmapEntry>,
+    offset: Option<u64>,
+    message: String,
+) -> Finding {
+    Finding {
+        severity,
+        bitmap: bitmap.map(BitmapEntry::name),
+        offset,
+        message,
+    }
+}
+
+impl<S: ReadAt> Image<S> {
+    /// Every bitmap rule this image breaks (refcounts excluded).
+    pub fn lint_bitmaps(&self) -> Vec<Finding> {
+        let mut out = Vec::new();
+        self.lint_extension(&mut out);
+        for b in self.bitmaps() {
+            self.lint_entry(b, &mut out);
+        }
+        out
+    }
+
+    fn lint_extension(&self, out: &mut Vec<Finding>) {
+        let view = self.bitmaps_view();
+        if let Some(p) = &view.problem {
+            out.push(Finding {
+                severity: Severity::Corruption,
+                bitmap: None,
+                offset: p.offset(),
+                message: p.to_string(),
+            });
+        }
+        let h = self.header();
+        if view.extension.is_none()
+            && h.version >= 3
+            && h.autoclear_features & autoclear::BITMAPS != 0
+        {
+            let msg =
+                "autoclear bit 0 (bitmaps) is set but there is no bitmaps extension".to_string();
+            out.push(Finding {
+                severity: Severity::Corruption,
+                bitmap: None,
+                offset: Some(88),
+                message: msg,
+            });
+        }
+        if view.extension.is_some() && !self.bitmaps_consistent() {
+            let msg = if h.version < 3 {
+                "version 2 image carries a bitmaps extension: every bitmap in it is stale"
+                    .to_string()
+            } else {
+                "autoclear bit 0 is clear: a program without bitmap support wrote the image, every bitmap is stale".to_string()
+            };
+            out.push(Finding {
+                severity: Severity::Unusable,
+                bitmap: None,
+                offset: Some(88),
+                message: msg,
+            });
+        }
+    }
+
+    fn lint_entry(&self, b: &BitmapEntry, out: &mut Vec<Finding>) {
+        for p in &b.problems {
+            out.push(finding(
+                Severity::Corruption,
+                Some(b),
+                Some(p.offset),
+                p.message.clone(),
+            ));
+        }
+        if b.state == BitmapState::InUse {
+            let msg = "in_use flag is set: not saved consistently (crash, or open in QEMU); its content cannot be trusted".to_string();
+            out.push(finding(
+                Severity::Unusable,
+                Some(b),
+                Some(b.entry.offset + 12),
+                msg,
+            ));
+        }
+        if b.unusable_problem().is_some() {
+            return;
+        }
+        self.lint_table(b, out);
+    }
+
+    /// Table rules: QEMU's `check` reads every table, in-use ones included.
+    fn lint_table(&self, b: &BitmapEntry, out: &mut Vec<Finding>) {
+        if b.entry.in_use() {
+            // An in-use entry may carry a stale size; its entries must still be valid.
+            if let Err(e) = self.raw_table(b) {
+                out.push(finding(
+                    Severity::Corruption,
+                    Some(b),
+                    e.offset(),
+                    e.to_string(),
+                ));
+                return;
+            }
+            let raw = self.raw_table(b).unwrap_or_default();
+            for (k, &r) in raw.iter().enumerate() {
+                if let TableEntry::Invalid(why) = TableEntry::decode(r, self.geometry()) {
+                    let at = b.entry.table_offset + 8 * k as u64;
+                    let msg = format!("bitmap '{}' table entry {k}: 0x{r:016x}: {why}", b.name());
+                    out.push(finding(Severity::Corruption, Some(b), Some(at), msg));
+                }
+            }
+            return;
+        }
+        match self.table(b) {
+            Ok(t) => self.lint_tail_bits(b, &t, out),
+            Err(e) => out.push(finding(
+                Severity::Corruption,
+                Some(b),
+                e.offset(),
+                e.to_string(),
+            )),
+        }
+    }
+
+    fn lint_tail_bits(&self, b: &BitmapEntry, t: &super::Table, out: &mut Vec<Finding>) {
+        let Some(k) = t.entries.len().checked_sub(1) else {
+            return;
+        };
+        let TableEntry::Data(off) = t.entries[k] else {
+            return;
+        };
+        let (first, end) = t.cluster_bits(k);
+        let cluster_bits = t.bits_per_cluster();
+        let mut words = Vec::new();
+        if self
+            .cluster_words(
+                off,
+                cluster_bits.min(self.storage().len().saturating_sub(off) * 8),
+                &mut words,
+            )
+            .is_err()
+        {
+            return;
+        }
+        let tail = bits::words::next_one(&words, end - first, words.len() as u64 * 64);
+        if let Some(bit) = tail {
+            let byte = off + bit / 8;
+            let msg = format!(
+                "bitmap '{}' has bits set past the virtual size (first at data byte {byte})",
+                b.name()
+            );
+            out.push(finding(Severity::Corruption, Some(b), Some(byte), msg));
+        }
+    }
+}
