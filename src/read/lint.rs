@@ -70,6 +70,13 @@ impl<S: ReadAt> Image<S> {
         out
     }
 
+    /// The rules one bitmap breaks (its entry, table and tail bits).
+    pub fn lint_bitmaps_of(&self, b: &BitmapEntry) -> Vec<Finding> {
+        let mut out = Vec::new();
+        self.lint_entry(b, &mut out);
+        out
+    }
+
     fn lint_extension(&self, out: &mut Vec<Finding>) {
         let view = self.bitmaps_view();
         if let Some(p) = &view.problem {

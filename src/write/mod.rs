@@ -32,6 +32,7 @@ mod open;
 mod ops;
 mod plan;
 pub mod refcounts;
+pub mod repair;
 mod transaction;
 
 pub use open::open_path;

@@ -304,7 +304,7 @@ impl<S: WriteAt> Transaction<S> {
     /// Plans a new table for bitmap `i` holding `merged`: clusters not marked
     /// in `changed` keep their entries, changed ones get new data clusters.
     /// (Memory: the merged bitmap only; the old content is never copied.)
-    fn replace_changed_clusters(
+    pub(super) fn replace_changed_clusters(
         &mut self,
         i: usize,
         changed: &[bool],

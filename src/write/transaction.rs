@@ -32,6 +32,8 @@ pub struct Transaction<S: WriteAt> {
     pub(super) frees: Vec<(HostCluster, u64)>,
     pub(super) refcounts: Refcounts,
     changed: bool,
+    /// Repair mode: old clusters are left for the owner walk to free.
+    free_by_walk: bool,
 }
 
 impl<S: WriteAt> Transaction<S> {
@@ -42,9 +44,24 @@ impl<S: WriteAt> Transaction<S> {
     /// the bitmaps extension is stale or its directory cannot be walked
     /// (pointing to `repair`); every error of [`Image::open`].
     pub fn begin(storage: S) -> Result<Self> {
+        Self::begin_with(storage, false)
+    }
+
+    /// Like [`Transaction::begin`] for `repair`: accepts stale, version 2 and
+    /// damaged-directory images, and frees nothing by assumption (the caller
+    /// frees exactly what an owner walk proves unreferenced).
+    pub(crate) fn begin_repair(storage: S) -> Result<Self> {
+        Self::begin_with(storage, true)
+    }
+
+    fn begin_with(storage: S, repair: bool) -> Result<Self> {
         let (header, extensions, area_end, old_dir, staged) = {
             let image = Image::open(&storage)?;
-            guard_image(&image)?;
+            if repair {
+                guard_repair(&image)?;
+            } else {
+                guard_image(&image)?;
+            }
             let old_dir = image
                 .bitmaps_view()
                 .extension
@@ -62,7 +79,9 @@ impl<S: WriteAt> Transaction<S> {
             )
         };
         let refcounts = Refcounts::load(&storage, &header)?;
+        let old_dir = if repair { None } else { old_dir };
         Ok(Transaction {
+            free_by_walk: repair,
             storage,
             header,
             extensions,
@@ -214,7 +233,9 @@ impl<S: WriteAt> Transaction<S> {
                 g.clusters_for(size),
             ));
         }
-        for (first, count) in std::mem::take(&mut self.frees) {
+        let frees = std::mem::take(&mut self.frees);
+        let frees = if self.free_by_walk { Vec::new() } else { frees };
+        for (first, count) in frees {
             for c in first.0..first.0.saturating_add(count) {
                 // After the commit point a cluster that cannot be freed (its
                 // refcount is already 0) is left alone: the new state stands.
@@ -236,6 +257,14 @@ impl<S: WriteAt> Transaction<S> {
             .sync()
             .map_err(|e| Error::io("image file", None, e))
     }
+}
+
+fn guard_repair<S: crate::storage::ReadAt>(image: &Image<S>) -> Result<()> {
+    if image.header().incompatible_features & incompat::CORRUPT != 0 {
+        let msg = "the corrupt bit is set: the image has damage outside the bitmaps; run `qemu-img check -r all` first";
+        return Err(Error::new(ErrorKind::Unsupported, "image", None, msg));
+    }
+    Ok(())
 }
 
 fn guard_image<S: crate::storage::ReadAt>(image: &Image<S>) -> Result<()> {

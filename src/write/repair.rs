@@ -1,0 +1,311 @@
+//! `repair`: turn a damaged or stale bitmaps extension back into one QEMU
+//! opens, keeping every bitmap that can be kept.
+//!
+//! The plan is computed from a read-only [`Image`] (so `--dry-run` is the
+//! same code without the commit); it is then carried out as one
+//! [`Transaction`] in repair mode (same crash-safe commit protocol), which
+//! frees nothing by assumption: clusters that end up unreferenced are found
+//! by the owner walk afterwards and released as leaks.
+
+use super::Transaction;
+use super::plan::Pending;
+use crate::error::Result;
+use crate::format::directory::{FLAG_EXTRA_DATA_COMPATIBLE, FLAG_IN_USE};
+use crate::read::{BitmapState, Image, expected_dimensions};
+use crate::storage::{ReadAt, WriteAt};
+
+/// What to do with bitmaps that cannot be trusted (in use, stale, bad table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum InUsePolicy {
+    /// Make them fully dirty and consistent: the next incremental backup is a
+    /// safe full one and the checkpoint names survive.
+    #[default]
+    Dirty,
+    /// Remove them.
+    Remove,
+}
+
+/// One repair step, for the report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Action {
+    /// The bitmap concerned (None for the extension or the image).
+    pub bitmap: Option<String>,
+    /// What is (or would be) done, and why.
+    pub message: String,
+}
+
+/// What happens to one directory entry's content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fix {
+    Keep,
+    Drop,
+    AllOnes,
+    StripExtraData,
+    RewriteTail,
+}
+
+/// The content fix and, when its name must change, the new name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct EntryFix {
+    fix: Fix,
+    rename: Option<String>,
+}
+
+/// The repair plan for the bitmaps extension.
+#[derive(Debug, Clone, Default)]
+pub struct Plan {
+    fixes: Vec<EntryFix>,
+    drop_extension: bool,
+    rewrite: bool,
+    /// Every step, in order, for printing.
+    pub actions: Vec<Action>,
+}
+
+impl Plan {
+    /// Whether the extension needs rewriting at all.
+    pub fn is_empty(&self) -> bool {
+        !self.rewrite
+    }
+}
+
+fn act(actions: &mut Vec<Action>, bitmap: Option<String>, message: String) {
+    actions.push(Action { bitmap, message });
+}
+
+/// Plans the repair of `image`'s bitmaps.
+pub fn plan<S: ReadAt>(image: &Image<S>, policy: InUsePolicy) -> Plan {
+    let mut p = Plan::default();
+    let view = image.bitmaps_view();
+    if view.extension.is_none() {
+        if image.header().version >= 3 && image.header().autoclear_features & 1 != 0 {
+            act(
+                &mut p.actions,
+                None,
+                "clear autoclear bit 0: there is no bitmaps extension".into(),
+            );
+            p.rewrite = true;
+        }
+        if let Some(e) = &view.problem {
+            act(
+                &mut p.actions,
+                None,
+                format!(
+                    "drop the unreadable bitmaps extension ({e}); its clusters are freed as leaks"
+                ),
+            );
+            p.drop_extension = true;
+            p.rewrite = true;
+        }
+        return p;
+    }
+    if image.header().version < 3 {
+        let msg = "remove the bitmaps extension: a version 2 image cannot hold consistent bitmaps (the image stays version 2; `qemu-img amend -o compat=1.1` upgrades it)";
+        act(&mut p.actions, None, msg.into());
+        p.drop_extension = true;
+        p.rewrite = true;
+        return p;
+    }
+    if let Some(e) = &view.problem {
+        act(
+            &mut p.actions,
+            None,
+            format!("rewrite the bitmap directory: {e}"),
+        );
+        p.rewrite = true;
+    }
+    let stale = !image.bitmaps_consistent();
+    let mut names: Vec<Vec<u8>> = Vec::new();
+    for b in image.bitmaps() {
+        let fix = plan_entry(image, b, stale, policy, &mut p.actions);
+        let rename = if fix == Fix::Drop {
+            None
+        } else {
+            plan_name(b, &mut names, &mut p.actions)
+        };
+        p.rewrite |= fix != Fix::Keep || rename.is_some();
+        p.fixes.push(EntryFix { fix, rename });
+    }
+    if stale {
+        act(
+            &mut p.actions,
+            None,
+            "set autoclear bit 0 again: every remaining bitmap is consistent".into(),
+        );
+        p.rewrite = true;
+    }
+    p
+}
+
+fn plan_entry<S: ReadAt>(
+    image: &Image<S>,
+    b: &crate::read::BitmapEntry,
+    stale: bool,
+    policy: InUsePolicy,
+    actions: &mut Vec<Action>,
+) -> Fix {
+    let name = b.name();
+    let say = |actions: &mut Vec<Action>, m: String| act(actions, Some(name.clone()), m);
+    let e = &b.entry;
+    let fatal = b.problems.iter().find(|p| {
+        p.severity == crate::format::directory::Severity::Unusable
+            && !p.message.starts_with("duplicate name")
+    });
+    if let Some(p) = fatal {
+        say(
+            actions,
+            format!(
+                "drop the entry: {} (at offset {}); its clusters are freed as leaks",
+                p.message, p.offset
+            ),
+        );
+        return Fix::Drop;
+    }
+    let untrusted = if stale {
+        Some("stale".to_string())
+    } else if e.in_use() {
+        Some("in use".to_string())
+    } else {
+        image
+            .table(b)
+            .err()
+            .map(|err| format!("unreadable table: {err}"))
+    };
+    if let Some(why) = untrusted {
+        match policy {
+            InUsePolicy::Dirty => {
+                say(
+                    actions,
+                    format!(
+                        "{why}: mark every bit dirty (all-ones table, consistent) so the next backup is a full one"
+                    ),
+                );
+                Fix::AllOnes
+            }
+            InUsePolicy::Remove => {
+                say(actions, format!("{why}: remove it (--in-use remove)"));
+                return Fix::Drop;
+            }
+        }
+    } else if !e.extra_data.is_empty() || e.flags & FLAG_EXTRA_DATA_COMPATIBLE != 0 {
+        say(actions, "drop the extra data and the extra_data_compatible flag (QEMU cannot open images with them)".into());
+        Fix::StripExtraData
+    } else if has_tail_bits(image, b) {
+        say(actions, "clear the bits set past the virtual size".into());
+        Fix::RewriteTail
+    } else {
+        Fix::Keep
+    }
+}
+
+fn has_tail_bits<S: ReadAt>(image: &Image<S>, b: &crate::read::BitmapEntry) -> bool {
+    image
+        .lint_bitmaps_of(b)
+        .iter()
+        .any(|f| f.message.contains("past the virtual size"))
+}
+
+/// Names must be unique, non-empty and NUL-free: a new name when this one is not.
+fn plan_name(
+    b: &crate::read::BitmapEntry,
+    names: &mut Vec<Vec<u8>>,
+    actions: &mut Vec<Action>,
+) -> Option<String> {
+    let raw = &b.entry.name;
+    let mut wanted: Vec<u8> = raw.split(|&c| c == 0).next().unwrap_or_default().to_vec();
+    if wanted.is_empty() {
+        wanted = format!("bitmap-{}", b.index).into_bytes();
+    }
+    let mut candidate = wanted.clone();
+    let mut n = 1;
+    while names.contains(&candidate) {
+        n += 1;
+        candidate = [wanted.as_slice(), format!("-{n}").as_bytes()].concat();
+    }
+    names.push(candidate.clone());
+    if &candidate == raw {
+        return None;
+    }
+    let new = String::from_utf8_lossy(&candidate).into_owned();
+    act(
+        actions,
+        Some(b.name()),
+        format!("rename to '{new}' (names must be unique, non-empty and without NUL bytes)"),
+    );
+    Some(new)
+}
+
+impl<S: WriteAt> Transaction<S> {
+    /// Carries out `plan` (made from this transaction's image).
+    pub(crate) fn apply_plan(&mut self, plan: &Plan) -> Result<()> {
+        if !plan.rewrite {
+            return Ok(());
+        }
+        self.mark_changed();
+        if plan.drop_extension {
+            self.staged.clear();
+            return Ok(());
+        }
+        for (i, fix) in plan.fixes.iter().enumerate().rev() {
+            self.apply_fix(i, fix)?;
+        }
+        Ok(())
+    }
+
+    fn apply_fix(&mut self, i: usize, f: &EntryFix) -> Result<()> {
+        match f.fix {
+            Fix::Keep => {}
+            Fix::Drop => {
+                self.staged.remove(i);
+            }
+            Fix::AllOnes => self.all_ones(i)?,
+            Fix::StripExtraData => {
+                let e = &mut self.staged[i].entry;
+                e.extra_data.clear();
+                e.flags &= !FLAG_EXTRA_DATA_COMPATIBLE;
+            }
+            Fix::RewriteTail => self.rewrite_tail(i)?,
+        }
+        if f.fix == Fix::Drop {
+            return Ok(());
+        }
+        let e = &mut self.staged[i].entry;
+        if let Some(n) = &f.rename {
+            e.name = n.as_bytes().to_vec();
+        }
+        e.padding_is_zero = true;
+        Ok(())
+    }
+
+    /// A new table of the exact size with every entry "all ones"; in_use cleared.
+    fn all_ones(&mut self, i: usize) -> Result<()> {
+        let g = self.geometry();
+        let gran = u32::from(self.staged[i].entry.granularity_bits);
+        let (_, size) = expected_dimensions(self.virtual_size(), gran, g).unwrap_or((0, 1));
+        let first = self
+            .refcounts
+            .allocate(&self.storage, g.clusters_for(size * 8))?;
+        let s = &mut self.staged[i];
+        s.entry.table_offset = g.offset_of(first).map(|o| o.0).unwrap_or(0);
+        s.entry.table_size = size as u32;
+        s.entry.flags &= !(FLAG_IN_USE | FLAG_EXTRA_DATA_COMPATIBLE);
+        s.entry.extra_data.clear();
+        s.state = BitmapState::Ok;
+        s.pending = Some(Pending {
+            raw: vec![1; size as usize],
+            bitmap: None,
+            writes: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Rewrites the last data cluster without the bits past the virtual size.
+    fn rewrite_tail(&mut self, i: usize) -> Result<()> {
+        let bits = self.load_staged(i)?; // loading drops the tail bits
+        let n = self.staged[i].entry.table_size as usize;
+        let mut changed = vec![false; n];
+        if let Some(last) = changed.last_mut() {
+            *last = true;
+        }
+        self.replace_changed_clusters(i, &changed, bits)
+    }
+}
