@@ -121,26 +121,7 @@ fn bitmap_list_and_flags_match_qemu_img_info() {
             );
         }
         // qemu-img lists bitmaps only when the extension is consistent.
-        let qemu: Vec<(String, u64, Vec<String>)> = data["bitmaps"]
-            .as_array()
-            .map(|bs| {
-                bs.iter()
-                    .map(|b| {
-                        let flags = b["flags"]
-                            .as_array()
-                            .unwrap()
-                            .iter()
-                            .map(|f| f.as_str().unwrap().to_string())
-                            .collect();
-                        (
-                            b["name"].as_str().unwrap().to_string(),
-                            b["granularity"].as_u64().unwrap(),
-                            flags,
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let qemu = info_bitmaps(&info);
         let ours: Vec<(String, u64, Vec<String>)> = if image.bitmaps_consistent() {
             image
                 .bitmaps()

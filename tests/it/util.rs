@@ -320,24 +320,28 @@ pub fn qemu_info_bitmaps(image: &Path) -> Vec<(String, u64, Vec<String>)> {
         String::from_utf8_lossy(&o.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    v["format-specific"]["data"]["bitmaps"]
-        .as_array()
-        .map(|bs| {
-            bs.iter()
-                .map(|b| {
-                    let flags = b["flags"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|f| f.as_str().unwrap().to_string())
-                        .collect();
-                    (
-                        b["name"].as_str().unwrap().to_string(),
-                        b["granularity"].as_u64().unwrap(),
-                        flags,
-                    )
-                })
-                .collect()
+    info_bitmaps(&v)
+}
+
+/// The bitmaps of a `qemu-img info --output=json` document: (name, granularity, flags).
+pub fn info_bitmaps(info: &serde_json::Value) -> Vec<(String, u64, Vec<String>)> {
+    let Some(bitmaps) = info["format-specific"]["data"]["bitmaps"].as_array() else {
+        return Vec::new();
+    };
+    bitmaps
+        .iter()
+        .map(|b| {
+            let flags = b["flags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f.as_str().unwrap().to_string())
+                .collect();
+            (
+                b["name"].as_str().unwrap().to_string(),
+                b["granularity"].as_u64().unwrap(),
+                flags,
+            )
         })
-        .unwrap_or_default()
+        .collect()
 }
