@@ -309,3 +309,87 @@ impl<S: WriteAt> Transaction<S> {
         self.replace_changed_clusters(i, &changed, bits)
     }
 }
+
+/// What `repair` did (or, with `dry_run`, would do).
+#[derive(Debug, Clone, Default)]
+pub struct RepairReport {
+    /// Every step, in order.
+    pub actions: Vec<Action>,
+    /// Leaked clusters whose refcounts were lowered.
+    pub leaks_freed: u64,
+    /// Whether the image is clean afterwards (`check` finds nothing);
+    /// for a dry run, whether the plan is expected to make it clean.
+    pub clean: bool,
+}
+
+/// Repairs the bitmaps of the image in `storage` and frees leaked clusters.
+/// With `dry_run`, nothing is written and the report lists the plan.
+///
+/// # Errors
+/// Images this crate must not write (corrupt bit, dirty bit), I/O errors.
+pub fn repair<S: WriteAt>(storage: S, policy: InUsePolicy, dry_run: bool) -> Result<(S, RepairReport)> {
+    let (plan, before) = {
+        let image = Image::open(&storage)?;
+        (plan(&image, policy), image.check()?)
+    };
+    let mut report = RepairReport { actions: plan.actions.clone(), ..RepairReport::default() };
+    let outside = refcount_errors_outside_bitmaps(&before);
+    if dry_run {
+        if before.refcounts.leaks > 0 {
+            let msg = format!("free the leaked clusters ({} now, plus those the rewrite leaves unreferenced)", before.refcounts.leaks);
+            act(&mut report.actions, None, msg);
+        }
+        report.clean = outside == 0 && before.refcounts.check_errors == 0;
+        return Ok((storage, report));
+    }
+    let mut storage = if plan.is_empty() {
+        storage
+    } else {
+        let mut tx = Transaction::begin_repair(storage)?;
+        tx.apply_plan(&plan)?;
+        tx.commit()?
+    };
+    report.leaks_freed = free_leaks(&mut storage, &mut report.actions)?;
+    let after = Image::open(&storage)?.check()?;
+    report.clean = after.verdict() == crate::read::Verdict::Clean;
+    if outside > 0 {
+        let msg = format!("{outside} refcount errors outside the bitmaps were left alone: run `qemu-img check -r all`");
+        act(&mut report.actions, None, msg);
+    }
+    Ok((storage, report))
+}
+
+fn refcount_errors_outside_bitmaps(r: &crate::read::CheckReport) -> u64 {
+    use crate::read::refcheck::{FindingKind, Owner};
+    let bitmap = |o: &Owner| matches!(o, Owner::BitmapTable { .. } | Owner::BitmapData { .. } | Owner::BitmapDirectory);
+    let errors = r.refcounts.findings.iter().filter(|f| f.kind == FindingKind::Error);
+    errors.filter(|f| !r.refcounts.map.owners(f.cluster).iter().any(bitmap)).count() as u64
+}
+
+/// Lowers the refcount of every leaked cluster to its reference count, when
+/// the owner walk is complete. Returns the number of clusters freed.
+fn free_leaks<S: WriteAt>(storage: &mut S, actions: &mut Vec<Action>) -> Result<u64> {
+    use crate::read::refcheck::{FindingKind, refcount_check};
+    let (header, report) = {
+        let image = Image::open(&*storage)?;
+        (image.header().clone(), refcount_check(&image)?)
+    };
+    if report.check_errors > 0 || report.aborted.is_some() {
+        let why = report.aborted.clone().unwrap_or_else(|| format!("{} check errors", report.check_errors));
+        act(actions, None, format!("leaked clusters were not freed: the owner walk is incomplete ({why})"));
+        return Ok(0);
+    }
+    let leaks: Vec<_> = report.findings.iter().filter(|f| f.kind == FindingKind::Leak).collect();
+    if leaks.is_empty() {
+        return Ok(0);
+    }
+    let mut rc = super::refcounts::Refcounts::load(&*storage, &header)?;
+    for f in &leaks {
+        for _ in f.references..f.refcount {
+            rc.queue_free(&*storage, crate::types::HostCluster(f.cluster))?;
+        }
+    }
+    rc.apply_decrements(storage)?;
+    act(actions, None, format!("freed {} leaked clusters", leaks.len()));
+    Ok(leaks.len() as u64)
+}
