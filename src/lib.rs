@@ -48,5 +48,6 @@ pub mod lock;
 pub mod read;
 pub mod storage;
 pub mod types;
+pub mod write;
 
 pub use error::{Error, ErrorKind, Result};

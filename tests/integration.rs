@@ -20,3 +20,9 @@ mod live;
 
 #[path = "it/hostile.rs"]
 mod hostile;
+
+#[path = "it/write.rs"]
+mod write;
+
+#[path = "it/write_qemu.rs"]
+mod write_qemu;

@@ -72,6 +72,50 @@ pub enum Command {
         /// The bitmap name.
         bitmap: String,
     },
+    /// Add a new empty bitmap (enabled unless --disabled).
+    Add {
+        /// Granularity (SIZE, power of two, 512 B to 2 GiB; default: cluster size clamped to 4K..64K).
+        #[arg(short = 'g', long, value_parser = parse_size)]
+        granularity: Option<u64>,
+        /// Create it disabled (not recording).
+        #[arg(long)]
+        disabled: bool,
+        /// The qcow2 image.
+        image: PathBuf,
+        /// The new bitmap's name.
+        name: String,
+    },
+    /// Remove bitmaps (also in-use or invalid ones).
+    Remove {
+        /// The qcow2 image.
+        image: PathBuf,
+        /// Bitmaps to remove.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Clear every bit of a bitmap.
+    Clear {
+        /// The qcow2 image.
+        image: PathBuf,
+        /// The bitmap.
+        name: String,
+    },
+    /// Enable a bitmap (QEMU records writes into it).
+    Enable {
+        /// The qcow2 image.
+        image: PathBuf,
+        /// The bitmap.
+        name: String,
+    },
+    /// Disable a bitmap (QEMU stops recording into it).
+    Disable {
+        /// The qcow2 image.
+        image: PathBuf,
+        /// The bitmap.
+        name: String,
+    },
+    /// TARGET |= each SOURCE (granularities may differ; virtual sizes must match).
+    Merge(MergeArgs),
     /// Every header field, header extension and directory entry; with --bitmap, its table.
     Dump {
         /// Print one JSON document.
@@ -85,6 +129,21 @@ pub enum Command {
         #[arg(long)]
         bitmap: Option<String>,
     },
+}
+
+/// Options of `merge`.
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// Read the source bitmaps from this image instead.
+    #[arg(long = "source-image", short = 'b')]
+    pub source_image: Option<PathBuf>,
+    /// The qcow2 image holding the target.
+    pub image: PathBuf,
+    /// The bitmap to merge into.
+    pub target: String,
+    /// Bitmaps to merge from.
+    #[arg(required = true)]
+    pub sources: Vec<String>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {

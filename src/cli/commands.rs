@@ -52,6 +52,7 @@ pub fn dispatch(cli: Cli) -> Outcome {
             image,
             bitmap,
         } => dump(&image, &read, json, bitmap.as_deref()),
+        write => super::write_cmds::dispatch(&write),
     }
 }
 

@@ -7,6 +7,7 @@ mod args;
 mod commands;
 mod output;
 mod size;
+mod write_cmds;
 
 use std::ffi::OsString;
 use std::io::{self, Write};

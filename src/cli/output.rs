@@ -166,10 +166,10 @@ pub fn write_info<S: ReadAt>(
         doc.features.join(", ")
     };
     writeln!(out, "features:       {features}")?;
-    let consistent = if doc.bitmaps_consistent {
-        "consistent"
-    } else {
-        "NOT consistent (stale)"
+    let consistent = match (doc.bitmaps_consistent, doc.version) {
+        (true, _) => "consistent",
+        (false, 2) => "STALE: version 2 images cannot mark bitmaps consistent",
+        (false, _) => "STALE: autoclear bit 0 is clear",
     };
     match image.bitmaps_view().extension {
         None => writeln!(out, "bitmaps:        none")?,

@@ -112,7 +112,9 @@ impl<S: ReadAt> Extents<'_, S> {
             let hit = match self.table.entries.get(k).copied() {
                 Some(TableEntry::Ones) => want.then_some(self.bit),
                 Some(TableEntry::Data(off)) => self.find_in_data(k, off, first, end, want)?,
-                _ => (!want).then_some(self.bit),
+                Some(_) => (!want).then_some(self.bit),
+                // Past the table (only when forced): nothing more is set.
+                None => return Ok((!want).then_some(self.bit)),
             };
             if hit.is_some() {
                 return Ok(hit);

@@ -13,7 +13,7 @@ mod extents;
 mod hash;
 mod open;
 
-pub use bitmaps::{BitmapEntry, BitmapState, BitmapStatus, Table};
+pub use bitmaps::{BitmapEntry, BitmapState, BitmapStatus, Table, expected_dimensions};
 pub use extents::{Extent, Extents};
 pub use hash::hex;
 pub use open::open_path;

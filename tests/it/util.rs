@@ -108,3 +108,236 @@ pub fn sha256_file(path: &Path) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+/// A storage double that records writes and syncs and "crashes" at a chosen
+/// operation (the failing write or sync does not happen; later calls fail too).
+/// Clones share state, so a test keeps a handle while a transaction owns one.
+/// After a crash, [`CrashStore::durable`] is the image with unsynced writes
+/// lost, and [`CrashStore::live`] the image with every issued write landed.
+#[derive(Debug, Clone)]
+pub struct CrashStore(std::rc::Rc<std::cell::RefCell<CrashInner>>);
+
+#[derive(Debug)]
+struct CrashInner {
+    durable: Vec<u8>,
+    live: Vec<u8>,
+    ops: usize,
+    crash_at: Option<usize>,
+    writes: usize,
+    bytes_written: u64,
+}
+
+impl CrashStore {
+    pub fn new(image: Vec<u8>, crash_at: Option<usize>) -> Self {
+        let inner = CrashInner {
+            durable: image.clone(),
+            live: image,
+            ops: 0,
+            crash_at,
+            writes: 0,
+            bytes_written: 0,
+        };
+        CrashStore(std::rc::Rc::new(std::cell::RefCell::new(inner)))
+    }
+
+    pub fn durable(&self) -> Vec<u8> {
+        self.0.borrow().durable.clone()
+    }
+
+    pub fn live(&self) -> Vec<u8> {
+        self.0.borrow().live.clone()
+    }
+
+    /// Operations (writes + syncs) issued so far, including a crashed one.
+    pub fn ops(&self) -> usize {
+        self.0.borrow().ops
+    }
+
+    /// Writes that landed, and their total bytes.
+    pub fn written(&self) -> (usize, u64) {
+        let i = self.0.borrow();
+        (i.writes, i.bytes_written)
+    }
+
+    fn step(&self) -> std::io::Result<()> {
+        let mut i = self.0.borrow_mut();
+        i.ops += 1;
+        if i.crash_at.is_some_and(|c| i.ops >= c) {
+            return Err(std::io::Error::other(format!(
+                "injected crash at operation {}",
+                i.ops
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl qcow2_bitmap::storage::ReadAt for CrashStore {
+    fn len(&self) -> u64 {
+        self.0.borrow().live.len() as u64
+    }
+    fn read_at<'a>(
+        &'a self,
+        offset: u64,
+        len: usize,
+        s: &'a mut Vec<u8>,
+    ) -> std::io::Result<&'a [u8]> {
+        let i = self.0.borrow();
+        let mut tmp = Vec::new();
+        let bytes = i.live.read_at(offset, len, &mut tmp)?;
+        s.clear();
+        s.extend_from_slice(bytes);
+        Ok(s)
+    }
+}
+
+impl qcow2_bitmap::storage::WriteAt for CrashStore {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.step()?;
+        let mut i = self.0.borrow_mut();
+        i.writes += 1;
+        i.bytes_written += data.len() as u64;
+        i.live.write_at(offset, data)
+    }
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.step()?;
+        let mut i = self.0.borrow_mut();
+        i.durable = i.live.clone();
+        Ok(())
+    }
+}
+
+/// A QMP session with a read-only qemu-storage-daemon on one image (node `q0`).
+pub struct Qmp {
+    child: std::process::Child,
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+    _dir: tempfile::TempDir,
+}
+
+impl Qmp {
+    pub fn start(image: &Path) -> Qmp {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qmp.sock");
+        let child = Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=f0,filename={},read-only=on",
+                image.display()
+            ))
+            .args([
+                "--blockdev",
+                "driver=qcow2,node-name=q0,file=f0,read-only=on",
+            ])
+            .arg("--chardev")
+            .arg(format!(
+                "socket,id=m0,path={},server=on,wait=off",
+                sock.display()
+            ))
+            .args(["--monitor", "chardev=m0"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start qemu-storage-daemon");
+        let mut stream = None;
+        for _ in 0..200 {
+            if let Ok(s) = std::os::unix::net::UnixStream::connect(&sock) {
+                stream = Some(s);
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let stream = stream.expect("QMP socket");
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        let writer = stream.try_clone().unwrap();
+        let mut q = Qmp {
+            child,
+            reader: std::io::BufReader::new(stream),
+            writer,
+            _dir: dir,
+        };
+        let mut greeting = String::new();
+        q.reader.read_line(&mut greeting).unwrap();
+        q.execute(serde_json::json!({"execute": "qmp_capabilities"}));
+        q
+    }
+
+    pub fn execute(&mut self, cmd: serde_json::Value) -> serde_json::Value {
+        use std::io::{BufRead, Write};
+        writeln!(self.writer, "{cmd}").unwrap();
+        loop {
+            let mut line = String::new();
+            assert!(self.reader.read_line(&mut line).unwrap() > 0, "QMP closed");
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if v.get("event").is_none() {
+                return v;
+            }
+        }
+    }
+
+    /// QEMU's sha256 of a bitmap.
+    pub fn sha256(&mut self, bitmap: &str) -> String {
+        let r = self.execute(serde_json::json!({"execute": "x-debug-block-dirty-bitmap-sha256", "arguments": {"node": "q0", "name": bitmap}}));
+        r["return"]["sha256"]
+            .as_str()
+            .unwrap_or_else(|| panic!("sha256 of {bitmap}: {r}"))
+            .to_string()
+    }
+}
+
+impl Drop for Qmp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `qemu-img check --output=json`: exit code and document.
+pub fn qemu_check(image: &Path) -> (i32, serde_json::Value) {
+    let o = Command::new("qemu-img")
+        .args(["check", "--output=json"])
+        .arg(image)
+        .output()
+        .unwrap();
+    let v = serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null);
+    (o.status.code().unwrap_or(-1), v)
+}
+
+/// `qemu-img info` bitmaps: (name, granularity, flags).
+pub fn qemu_info_bitmaps(image: &Path) -> Vec<(String, u64, Vec<String>)> {
+    let o = Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "qemu-img info {}: {}",
+        image.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .map(|bs| {
+            bs.iter()
+                .map(|b| {
+                    let flags = b["flags"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|f| f.as_str().unwrap().to_string())
+                        .collect();
+                    (
+                        b["name"].as_str().unwrap().to_string(),
+                        b["granularity"].as_u64().unwrap(),
+                        flags,
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,85 @@
+//! The write commands: each is one transaction, prints nothing on success.
+
+use super::Failure;
+use super::args::{Command, MergeArgs};
+use qcow2_bitmap::lock::Access;
+use qcow2_bitmap::read;
+use qcow2_bitmap::storage::RwFile;
+use qcow2_bitmap::write::{self, MergeSource, Transaction};
+use std::path::Path;
+use std::process::ExitCode;
+
+type Outcome = Result<ExitCode, Failure>;
+
+/// Runs a write command (the read commands never reach here).
+pub fn dispatch(cmd: &Command) -> Outcome {
+    match cmd {
+        Command::Add {
+            granularity,
+            disabled,
+            image,
+            name,
+        } => run(image, |tx| tx.add(name, *granularity, !disabled)),
+        Command::Remove { image, names } => {
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            run(image, |tx| tx.remove(&names))
+        }
+        Command::Clear { image, name } => run(image, |tx| tx.clear(name)),
+        Command::Enable { image, name } => run(image, |tx| tx.set_enabled(name, true)),
+        Command::Disable { image, name } => run(image, |tx| tx.set_enabled(name, false)),
+        Command::Merge(m) => merge(m),
+        Command::Info { .. }
+        | Command::Extents { .. }
+        | Command::Hash { .. }
+        | Command::Dump { .. } => Err(Failure::Lib(qcow2_bitmap::Error::invalid_input(
+            "command",
+            "not a write command",
+        ))),
+    }
+}
+
+fn run(
+    image: &Path,
+    op: impl FnOnce(&mut Transaction<RwFile>) -> qcow2_bitmap::Result<()>,
+) -> Outcome {
+    let ctx = |e: qcow2_bitmap::Error| Failure::Lib(e.context(image.display()));
+    let mut tx = write::open_path(image).map_err(ctx)?;
+    op(&mut tx).map_err(ctx)?;
+    tx.commit().map_err(ctx)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn merge(m: &MergeArgs) -> Outcome {
+    let Some(src_path) = &m.source_image else {
+        return run(&m.image, |tx| {
+            for s in &m.sources {
+                let (bits, granularity_bits) = tx.load(s)?;
+                let src = MergeSource {
+                    bits: &bits,
+                    granularity_bits,
+                    virtual_size: tx.virtual_size(),
+                };
+                tx.merge(&m.target, &src)?;
+            }
+            Ok(())
+        });
+    };
+    let source = read::open_path(src_path, Access::Read)
+        .map_err(|e| Failure::Lib(e.context(src_path.display())))?;
+    run(&m.image, |tx| {
+        for s in &m.sources {
+            let b = source.find(s).map_err(|e| e.context(src_path.display()))?;
+            let bits = source
+                .load(b, false)
+                .map_err(|e| e.context(src_path.display()))?;
+            let granularity_bits = u32::from(b.entry.granularity_bits);
+            let src = MergeSource {
+                bits: &bits,
+                granularity_bits,
+                virtual_size: source.virtual_size(),
+            };
+            tx.merge(&m.target, &src)?;
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,307 @@
+//! The write path judged by QEMU: after every operation on every writable
+//! fixture shape `qemu-img check` exits 0, `qemu-img info` lists what we
+//! expect, QEMU's sha256 of every bitmap equals ours, and guest data is
+//! unchanged; the same operations done by `qemu-img bitmap` on a twin give
+//! the same bitmaps; and a crash injected at every write and sync leaves an
+//! image QEMU opens (check exit 0 or 3) with every bitmap old or new.
+
+use crate::util::*;
+use crate::write::{Snapshot, WRITABLE, snapshot};
+use qcow2_bitmap::read::{Image, hex};
+use qcow2_bitmap::write::{MergeSource, Transaction};
+use std::path::Path;
+use std::process::Command;
+
+const TOOLS: [&str; 2] = ["qemu-img", "qemu-storage-daemon"];
+
+fn our_hashes(path: &Path) -> Vec<(String, String)> {
+    let img = Image::open(std::fs::read(path).unwrap()).unwrap();
+    img.bitmaps()
+        .iter()
+        .map(|b| (b.name(), hex(&img.sha256(b, false).unwrap())))
+        .collect()
+}
+
+fn flags_of(path: &Path) -> Vec<(String, u64, Vec<String>)> {
+    let img = Image::open(std::fs::read(path).unwrap()).unwrap();
+    img.bitmaps()
+        .iter()
+        .map(|b| {
+            let f = if b.entry.auto() {
+                vec!["auto".to_string()]
+            } else {
+                vec![]
+            };
+            (b.name(), b.granularity(), f)
+        })
+        .collect()
+}
+
+/// QEMU agrees with our read path on `path`, and guest data equals `original`'s.
+fn assert_qemu_agrees(path: &Path, original: &Path, what: &str) {
+    let (rc, check) = qemu_check(path);
+    assert_eq!(rc, 0, "{what}: qemu-img check: {check}");
+    assert_eq!(
+        qemu_info_bitmaps(path),
+        flags_of(path),
+        "{what}: qemu-img info bitmaps"
+    );
+    let ours = our_hashes(path);
+    let mut qmp = Qmp::start(path);
+    for (name, sha) in &ours {
+        assert_eq!(&qmp.sha256(name), sha, "{what}: QEMU's sha256 of {name}");
+    }
+    drop(qmp);
+    let cmp = Command::new("qemu-img")
+        .args(["compare", "-q"])
+        .arg(original)
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(cmp.success(), "{what}: guest data changed");
+}
+
+fn run_cli(args: &[&str]) {
+    let o = run(args);
+    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    assert!(o.stdout.is_empty(), "{args:?} printed {}", stdout(&o));
+}
+
+#[test]
+fn every_cli_write_command_on_every_fixture_passes_qemu() {
+    if !qemu_available(
+        "every_cli_write_command_on_every_fixture_passes_qemu",
+        &TOOLS,
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for name in WRITABLE {
+        let img = dir.path().join(name);
+        std::fs::copy(fixture(name), &img).unwrap();
+        if name == "backing.qcow2" {
+            std::fs::copy(fixture("base.qcow2"), dir.path().join("base.qcow2")).unwrap();
+        }
+        let p = img.to_str().unwrap();
+        let first = Image::open(std::fs::read(&img).unwrap()).unwrap().bitmaps()[0].name();
+        let steps: Vec<Vec<&str>> = vec![
+            vec!["add", p, "cli-new"],
+            vec!["add", "-g", "1M", "--disabled", p, "cli-coarse"],
+            vec!["merge", p, "cli-new", &first],
+            vec!["merge", p, "cli-coarse", "cli-new", &first],
+            vec!["disable", p, &first],
+            vec!["enable", p, &first],
+            vec!["clear", p, "cli-new"],
+            vec!["remove", p, "cli-new", "cli-coarse"],
+        ];
+        for step in steps {
+            run_cli(&step);
+            assert_qemu_agrees(&img, &fixture(name), &format!("{name} after {step:?}"));
+        }
+    }
+}
+
+#[test]
+fn same_operations_as_qemu_img_bitmap_give_the_same_bitmaps() {
+    if !qemu_available(
+        "same_operations_as_qemu_img_bitmap_give_the_same_bitmaps",
+        &TOOLS,
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for name in [
+        "several.qcow2",
+        "cs512.qcow2",
+        "gran-range.qcow2",
+        "demo.qcow2",
+    ] {
+        let ours = dir.path().join(format!("ours-{name}"));
+        let theirs = dir.path().join(format!("theirs-{name}"));
+        std::fs::copy(fixture(name), &ours).unwrap();
+        std::fs::copy(fixture(name), &theirs).unwrap();
+        let names: Vec<String> = Image::open(std::fs::read(&ours).unwrap())
+            .unwrap()
+            .bitmaps()
+            .iter()
+            .map(|b| b.name())
+            .collect();
+        let (a, b) = (names[0].clone(), names[names.len() - 1].clone());
+        let o = ours.to_str().unwrap();
+        // (our CLI args, qemu-img bitmap args, bitmap name) in order.
+        let ops: Vec<(Vec<&str>, Vec<&str>, &str)> = vec![
+            (
+                vec!["add", "-g", "512", o, "fine"],
+                vec!["--add", "-g", "512"],
+                "fine",
+            ),
+            (
+                vec!["add", "-g", "2M", "--disabled", o, "coarse"],
+                vec!["--add", "-g", "2M", "--disable"],
+                "coarse",
+            ),
+            (vec!["add", o, "dflt"], vec!["--add"], "dflt"),
+            (vec!["merge", o, "fine", &a], vec!["--merge", &a], "fine"),
+            (
+                vec!["merge", o, "coarse", &b],
+                vec!["--merge", &b],
+                "coarse",
+            ),
+            (
+                vec!["merge", o, "coarse", "fine"],
+                vec!["--merge", "fine"],
+                "coarse",
+            ),
+            (vec!["disable", o, "fine"], vec!["--disable"], "fine"),
+            (vec!["clear", o, &a], vec!["--clear"], &a),
+            (vec!["remove", o, "dflt"], vec!["--remove"], "dflt"),
+        ];
+        for (ours_args, qemu_args, target) in ops {
+            run_cli(&ours_args);
+            let o2 = Command::new("qemu-img")
+                .arg("bitmap")
+                .args(&qemu_args)
+                .arg(&theirs)
+                .arg(target)
+                .output()
+                .unwrap();
+            assert!(
+                o2.status.success(),
+                "qemu-img bitmap {qemu_args:?}: {}",
+                String::from_utf8_lossy(&o2.stderr)
+            );
+            let what = format!("{name} {ours_args:?}");
+            assert_eq!(
+                qemu_info_bitmaps(&ours),
+                qemu_info_bitmaps(&theirs),
+                "{what}: names, granularity, flags"
+            );
+            let (mut qo, mut qt) = (Qmp::start(&ours), Qmp::start(&theirs));
+            for (n, _, _) in qemu_info_bitmaps(&ours) {
+                assert_eq!(qo.sha256(&n), qt.sha256(&n), "{what}: bitmap {n}");
+            }
+        }
+    }
+}
+
+/// Applies `op` to `before` with a crash at every write and sync; checks each outcome.
+/// Returns the number of crash points tried.
+fn crash_everywhere(
+    name: &str,
+    before: &[u8],
+    op: &dyn Fn(&mut Transaction<CrashStore>) -> qcow2_bitmap::Result<()>,
+    dir: &Path,
+) -> usize {
+    let old = snapshot(before);
+    let clean = CrashStore::new(before.to_vec(), None);
+    let mut tx = Transaction::begin(clean.clone()).unwrap();
+    op(&mut tx).unwrap();
+    tx.commit().unwrap();
+    let total = clean.ops();
+    let new = snapshot(&clean.live());
+    assert!(total >= 4, "{name}: only {total} operations");
+    let mut tried = 0;
+    for k in 1..=total {
+        let store = CrashStore::new(before.to_vec(), Some(k));
+        let mut tx = Transaction::begin(store.clone()).unwrap();
+        op(&mut tx).unwrap();
+        assert!(tx.commit().is_err(), "{name}: crash at {k} not reported");
+        for (kind, image) in [("durable", store.durable()), ("live", store.live())] {
+            let what = format!("{name}: crash at operation {k}/{total} ({kind})");
+            let got = snapshot(&image);
+            assert!(
+                same(&got, &old) || same(&got, &new),
+                "{what}: bitmaps are neither all old nor all new"
+            );
+            let path = dir.join("crashed.qcow2");
+            std::fs::write(&path, &image).unwrap();
+            let (rc, v) = qemu_check(&path);
+            assert!(rc == 0 || rc == 3, "{what}: qemu-img check rc {rc}: {v}");
+            tried += 1;
+        }
+    }
+    tried
+}
+
+fn same(a: &Snapshot, b: &Snapshot) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|((na, va), (nb, vb))| na == nb && va.0 == vb.0 && va.1 == vb.1 && va.2 == vb.2)
+}
+
+#[test]
+fn a_crash_at_any_write_or_sync_leaves_old_or_new_bitmaps() {
+    if !qemu_available(
+        "a_crash_at_any_write_or_sync_leaves_old_or_new_bitmaps",
+        &["qemu-img"],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    type Op = Box<dyn Fn(&mut Transaction<CrashStore>) -> qcow2_bitmap::Result<()>>;
+    let ops: Vec<(&str, &str, Op)> = vec![
+        (
+            "add",
+            "several.qcow2",
+            Box::new(|tx| tx.add("n", Some(4096), true)),
+        ),
+        (
+            "add big table on 512 B clusters",
+            "rc64.qcow2",
+            Box::new(|tx| tx.add("n", Some(512), true)),
+        ),
+        (
+            "remove",
+            "several.qcow2",
+            Box::new(|tx| tx.remove(&["a", "c"])),
+        ),
+        (
+            "remove last",
+            "one.qcow2",
+            Box::new(|tx| tx.remove(&["b0"])),
+        ),
+        ("clear", "cs512.qcow2", Box::new(|tx| tx.clear("g512"))),
+        (
+            "disable",
+            "demo.qcow2",
+            Box::new(|tx| tx.set_enabled("ckpt-3", false)),
+        ),
+        (
+            "merge",
+            "several.qcow2",
+            Box::new(|tx| {
+                let (bits, gb) = tx.load("c")?;
+                let size = tx.virtual_size();
+                tx.merge(
+                    "b",
+                    &MergeSource {
+                        bits: &bits,
+                        granularity_bits: gb,
+                        virtual_size: size,
+                    },
+                )
+            }),
+        ),
+        (
+            "add + disable",
+            "demo.qcow2",
+            Box::new(|tx| {
+                tx.set_enabled("ckpt-3", false)?;
+                tx.add("ckpt-4", None, true)
+            }),
+        ),
+    ];
+    let mut report = Vec::new();
+    for (label, fx, op) in &ops {
+        let before = std::fs::read(fixture(fx)).unwrap();
+        let n = crash_everywhere(
+            &format!("{label} on {fx}"),
+            &before,
+            op.as_ref(),
+            dir.path(),
+        );
+        report.push(format!("{label} on {fx}: {n}"));
+    }
+    eprintln!("crash images checked: {}", report.join(", "));
+}
