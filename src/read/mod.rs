@@ -12,11 +12,13 @@ mod bitmaps;
 mod extents;
 mod hash;
 mod open;
+pub mod refcheck;
 
 pub use bitmaps::{BitmapEntry, BitmapState, BitmapStatus, Table, expected_dimensions};
 pub use extents::{Extent, Extents};
 pub use hash::hex;
 pub use open::open_path;
+pub use refcheck::{RefcountReport, refcount_check};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::bitmaps_ext::BitmapsExt;
