@@ -11,6 +11,7 @@ pub mod bitmaps_ext;
 pub mod directory;
 pub mod extensions;
 pub mod header;
+pub mod l2;
 pub mod refcount;
 
 /// `"QFI\xfb"`, the first four bytes of every qcow2 image.

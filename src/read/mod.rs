@@ -13,12 +13,14 @@ mod extents;
 mod hash;
 mod lint;
 mod open;
+pub mod refcheck;
 
 pub use bitmaps::{BitmapEntry, BitmapState, BitmapStatus, Table, expected_dimensions};
 pub use extents::{Extent, Extents};
 pub use hash::hex;
 pub use lint::{Finding, Severity};
 pub use open::open_path;
+pub use refcheck::{RefcountReport, refcount_check};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::bitmaps_ext::BitmapsExt;

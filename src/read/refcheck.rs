@@ -1,0 +1,877 @@
+//! The refcount consistency check: rebuild the expected refcount of every
+//! host cluster from its owners and compare it with the stored refcounts,
+//! counting leaks and corruptions exactly as `qemu-img check` does.
+//!
+//! Owners walked, in QEMU's order: the header cluster; the active L1 table,
+//! its L2 tables and their data (standard, preallocated-zero, compressed and
+//! extended-L2 entries); every snapshot's L1, L2 tables and data; the
+//! snapshot table; the refcount table; the LUKS header area; the bitmap
+//! directory, tables and data (only when the bitmaps extension is
+//! consistent); finally every refcount block. Guest data in an external data
+//! file is not counted.
+//!
+//! Besides per-cluster mismatches (refcount > references is a leak, refcount
+//! < references a corruption), QEMU counts as corruptions: reserved bits and
+//! misaligned offsets in L1/L2/reftable entries, refcount blocks outside the
+//! image or not referenced exactly once, expected counts that overflow the
+//! refcount width, and "copied" flags (bit 63) of active L1/L2 entries that
+//! disagree with a stored refcount of 1. Refcounts that cannot be read (a
+//! misaligned refcount block offset) are check errors.
+//!
+//! Tables are read only where they lie inside the file; the rest reads as
+//! zeros, as QEMU's reads past the end do. Expected counts are kept for the
+//! file's clusters plus at most [`TAIL_LIMIT`] clusters past its end, so a
+//! claimed huge table cannot make the check allocate or loop without bound.
+//! This module never writes.
+
+use std::collections::BTreeMap;
+
+use super::Image;
+use crate::error::{Error, Result};
+use crate::format::bitmap_table::{self, TableEntry};
+use crate::format::bitmaps_ext::BitmapsExt;
+use crate::format::directory;
+use crate::format::ext_type;
+use crate::format::incompat;
+use crate::format::l2::{self, L2Kind, SnapshotHeader};
+use crate::format::refcount::{self, REFTABLE_OFFSET_MASK};
+use crate::storage::ReadAt;
+use crate::types::Geometry;
+
+/// How many clusters past the end of the file references are followed.
+pub const TAIL_LIMIT: u64 = 1 << 20;
+
+/// What a host cluster is used for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Owner {
+    /// The header cluster (cluster 0).
+    Header,
+    /// The refcount table.
+    RefcountTable,
+    /// A refcount block.
+    RefcountBlock,
+    /// The active L1 table.
+    L1,
+    /// An L2 table (active or snapshot).
+    L2,
+    /// A guest data cluster (standard or preallocated zero).
+    Data,
+    /// A host cluster touched by compressed guest data.
+    Compressed,
+    /// The snapshot table.
+    SnapshotTable,
+    /// A snapshot's L1 table.
+    SnapshotL1,
+    /// The LUKS encryption header area.
+    Crypto,
+    /// The bitmap directory.
+    BitmapDirectory,
+    /// A bitmap table; `bitmap` is the directory index.
+    BitmapTable {
+        /// Directory index of the bitmap.
+        bitmap: u32,
+    },
+    /// A bitmap data cluster; `bitmap` is the directory index.
+    BitmapData {
+        /// Directory index of the bitmap.
+        bitmap: u32,
+    },
+}
+
+impl Owner {
+    fn pack(self) -> u32 {
+        let (tag, idx) = match self {
+            Owner::Header => (1, 0),
+            Owner::RefcountTable => (2, 0),
+            Owner::RefcountBlock => (3, 0),
+            Owner::L1 => (4, 0),
+            Owner::L2 => (5, 0),
+            Owner::Data => (6, 0),
+            Owner::Compressed => (7, 0),
+            Owner::SnapshotTable => (8, 0),
+            Owner::SnapshotL1 => (9, 0),
+            Owner::Crypto => (10, 0),
+            Owner::BitmapDirectory => (11, 0),
+            Owner::BitmapTable { bitmap } => (12, bitmap),
+            Owner::BitmapData { bitmap } => (13, bitmap),
+        };
+        (tag << 28) | (idx & 0x0fff_ffff)
+    }
+
+    fn unpack(v: u32) -> Option<Owner> {
+        let bitmap = v & 0x0fff_ffff;
+        Some(match v >> 28 {
+            1 => Owner::Header,
+            2 => Owner::RefcountTable,
+            3 => Owner::RefcountBlock,
+            4 => Owner::L1,
+            5 => Owner::L2,
+            6 => Owner::Data,
+            7 => Owner::Compressed,
+            8 => Owner::SnapshotTable,
+            9 => Owner::SnapshotL1,
+            10 => Owner::Crypto,
+            11 => Owner::BitmapDirectory,
+            12 => Owner::BitmapTable { bitmap },
+            13 => Owner::BitmapData { bitmap },
+            _ => return None,
+        })
+    }
+}
+
+/// Expected references of every host cluster and who makes them.
+#[derive(Debug, Clone, Default)]
+pub struct RefMap {
+    refs: Vec<u32>,
+    first: Vec<u32>,
+    extra: BTreeMap<u64, Vec<Owner>>,
+}
+
+impl RefMap {
+    /// Clusters covered: the file's clusters, or up to the highest referenced one.
+    pub fn len(&self) -> u64 {
+        self.refs.len() as u64
+    }
+
+    /// Whether no cluster is covered.
+    pub fn is_empty(&self) -> bool {
+        self.refs.is_empty()
+    }
+
+    /// Expected references of `cluster` (saturated at the refcount width).
+    pub fn references(&self, cluster: u64) -> u64 {
+        usize::try_from(cluster)
+            .ok()
+            .and_then(|c| self.refs.get(c))
+            .map_or(0, |&r| u64::from(r))
+    }
+
+    /// Every distinct owner of `cluster`, first referrer first.
+    pub fn owners(&self, cluster: u64) -> Vec<Owner> {
+        let first = usize::try_from(cluster)
+            .ok()
+            .and_then(|c| self.first.get(c))
+            .and_then(|&v| Owner::unpack(v));
+        let mut out: Vec<Owner> = first.into_iter().collect();
+        if let Some(more) = self.extra.get(&cluster) {
+            out.extend(more);
+        }
+        out
+    }
+
+    /// Clusters referenced by more than one kind of owner (for example a
+    /// bitmap table and guest data), in increasing order.
+    pub fn shared(&self) -> impl Iterator<Item = u64> + '_ {
+        self.extra.keys().copied()
+    }
+
+    fn grow_to(&mut self, len: usize) {
+        if len > self.refs.len() {
+            self.refs.resize(len, 0);
+            self.first.resize(len, 0);
+        }
+    }
+
+    /// Adds one reference; false when the count is already at `max`.
+    fn add(&mut self, k: usize, owner: Owner, max: u64) -> bool {
+        self.grow_to(k + 1);
+        if u64::from(self.refs[k]) >= max || self.refs[k] == u32::MAX {
+            return false;
+        }
+        self.refs[k] += 1;
+        let packed = owner.pack();
+        if self.first[k] == 0 {
+            self.first[k] = packed;
+        } else if self.first[k] != packed {
+            let more = self.extra.entry(k as u64).or_default();
+            if !more.contains(&owner) {
+                more.push(owner);
+            }
+        }
+        true
+    }
+}
+
+/// Whether a cluster has more refcount than references, or fewer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FindingKind {
+    /// Refcount above references: "Leaked cluster N refcount=R reference=C".
+    Leak,
+    /// Refcount below references: "ERROR cluster N refcount=R reference=C".
+    Error,
+}
+
+/// One cluster whose stored refcount differs from its references.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finding {
+    /// Host cluster index.
+    pub cluster: u64,
+    /// Its file offset.
+    pub offset: u64,
+    /// The stored refcount.
+    pub refcount: u64,
+    /// The references found.
+    pub references: u64,
+    /// Leak or error.
+    pub kind: FindingKind,
+}
+
+/// How a [`Diagnostic`] is counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// Counted in [`RefcountReport::corruptions`].
+    Corruption,
+    /// Counted in [`RefcountReport::check_errors`].
+    CheckError,
+}
+
+/// A problem found by the walk that is not a per-cluster mismatch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// How it is counted.
+    pub severity: Severity,
+    /// What is wrong (QEMU's wording where it has one).
+    pub message: String,
+}
+
+/// The result of [`refcount_check`].
+#[derive(Debug, Clone, Default)]
+pub struct RefcountReport {
+    /// Leaked clusters (qemu-img check "leaks").
+    pub leaks: u64,
+    /// Corruptions (qemu-img check "corruptions").
+    pub corruptions: u64,
+    /// Problems that kept part of the check from running ("check-errors").
+    pub check_errors: u64,
+    /// Set when qemu-img would have stopped the check here ("Check failed").
+    pub aborted: Option<String>,
+    /// Per-cluster mismatches in cluster order.
+    pub findings: Vec<Finding>,
+    /// Other corruptions and check errors, in walk order.
+    pub diagnostics: Vec<Diagnostic>,
+    /// End of the last used cluster in bytes ("image-end-offset").
+    pub image_end_offset: u64,
+    /// Virtual size in clusters ("total-clusters").
+    pub total_clusters: u64,
+    /// Guest clusters the active L1 maps to host clusters ("allocated-clusters").
+    pub allocated_clusters: u64,
+    /// Active compressed guest clusters ("compressed-clusters").
+    pub compressed_clusters: u64,
+    /// Active guest clusters not following their predecessor ("fragmented-clusters").
+    pub fragmented_clusters: u64,
+    /// Clusters of the file, a partial last one included.
+    pub file_clusters: u64,
+    /// Bitmap names by directory index (for [`Owner::BitmapTable`] and [`Owner::BitmapData`]).
+    pub bitmap_names: Vec<String>,
+    /// Expected references and owners of every cluster.
+    pub map: RefMap,
+}
+
+impl RefcountReport {
+    /// Whether nothing is wrong: no leaks, corruptions or check errors.
+    pub fn is_clean(&self) -> bool {
+        self.leaks == 0 && self.corruptions == 0 && self.check_errors == 0
+    }
+}
+
+/// Runs the refcount check over `image` (read-only).
+///
+/// # Errors
+/// Only I/O failures of the storage; everything found in the file is
+/// reported in the [`RefcountReport`].
+pub fn refcount_check<S: ReadAt>(image: &Image<S>) -> Result<RefcountReport> {
+    let mut w = Walker::new(image)?;
+    w.walk()?;
+    let stored = Stored::load(image)?;
+    w.check_refblocks(&stored);
+    w.compare(&stored)?;
+    w.check_copied(&stored)?;
+    Ok(w.report)
+}
+
+/// Stored refcounts: the in-file part of the refcount table and a small
+/// cache of refcount blocks.
+struct Stored<'a, S> {
+    storage: &'a S,
+    g: Geometry,
+    order: u32,
+    block_bits: u32,
+    table: Vec<u64>,
+    cache: std::cell::RefCell<Vec<(u64, Vec<u8>)>>,
+}
+
+impl<'a, S: ReadAt> Stored<'a, S> {
+    fn load(image: &'a Image<S>) -> Result<Self> {
+        let h = image.header();
+        let g = image.geometry();
+        let len = u64::from(h.refcount_table_clusters) * g.cluster_size();
+        let bytes = read_clipped(image.storage(), h.refcount_table_offset, len)?;
+        let table = bitmap_table::raw_entries(&bytes).collect();
+        let order = h.refcount_order.min(refcount::MAX_ORDER);
+        let block_bits = g.cluster_bits() + 3 - order;
+        Ok(Stored {
+            storage: image.storage(),
+            g,
+            order,
+            block_bits,
+            table,
+            cache: Default::default(),
+        })
+    }
+
+    /// The stored refcount of `cluster`; `Ok(None)` when its block offset is misaligned.
+    fn get(&self, cluster: u64) -> Result<Option<u64>> {
+        let idx = cluster >> self.block_bits;
+        let raw = usize::try_from(idx)
+            .ok()
+            .and_then(|i| self.table.get(i))
+            .copied()
+            .unwrap_or(0);
+        let off = raw & REFTABLE_OFFSET_MASK;
+        if off == 0 {
+            return Ok(Some(0));
+        }
+        if !self.g.is_aligned(off) {
+            return Ok(None);
+        }
+        let index = (cluster & ((1u64 << self.block_bits) - 1)) as usize;
+        let mut cache = self.cache.borrow_mut();
+        if let Some(pos) = cache.iter().position(|(o, _)| *o == off) {
+            return Ok(Some(refcount::get(&cache[pos].1, index, self.order)));
+        }
+        let mut block = read_clipped(self.storage, off, self.g.cluster_size())?;
+        block.resize(self.g.cluster_len(), 0);
+        let value = refcount::get(&block, index, self.order);
+        if cache.len() >= 8 {
+            cache.remove(0);
+        }
+        cache.push((off, block));
+        Ok(Some(value))
+    }
+}
+
+/// Reads `[off, off + len)` clipped to the file: the missing part reads as zeros.
+fn read_clipped<S: ReadAt>(storage: &S, off: u64, len: u64) -> Result<Vec<u8>> {
+    let end = off.saturating_add(len).min(storage.len());
+    let n = usize::try_from(end.saturating_sub(off)).unwrap_or(0);
+    let mut scratch = Vec::new();
+    let got = storage
+        .read_at(off, n, &mut scratch)
+        .map_err(|e| Error::io("refcount check read", Some(off), e))?;
+    Ok(got.to_vec())
+}
+
+struct Walker<'a, S> {
+    image: &'a Image<S>,
+    g: Geometry,
+    limit: u64,
+    refcount_max: u64,
+    extended: bool,
+    data_file: bool,
+    report: RefcountReport,
+}
+
+impl<'a, S: ReadAt> Walker<'a, S> {
+    fn new(image: &'a Image<S>) -> Result<Self> {
+        let h = image.header();
+        let g = image.geometry();
+        let file_clusters = g.clusters_for(image.storage().len());
+        let mut map = RefMap::default();
+        map.grow_to(usize::try_from(file_clusters).map_err(|_| {
+            Error::corrupt("refcount check", 0, "file too large for this platform")
+        })?);
+        let report = RefcountReport {
+            total_clusters: g.clusters_for(h.size),
+            file_clusters,
+            map,
+            ..Default::default()
+        };
+        Ok(Walker {
+            image,
+            g,
+            limit: file_clusters.saturating_add(TAIL_LIMIT),
+            refcount_max: refcount::max_refcount(h.refcount_order.min(refcount::MAX_ORDER)),
+            extended: h.incompatible_features & incompat::EXTL2 != 0,
+            data_file: h.incompatible_features & incompat::DATA_FILE != 0,
+            report,
+        })
+    }
+
+    fn corruption(&mut self, message: String) {
+        self.report.corruptions += 1;
+        self.report.diagnostics.push(Diagnostic {
+            severity: Severity::Corruption,
+            message,
+        });
+    }
+
+    fn check_error(&mut self, message: String) {
+        self.report.check_errors += 1;
+        self.report.diagnostics.push(Diagnostic {
+            severity: Severity::CheckError,
+            message,
+        });
+    }
+
+    /// One reference from `owner` to every cluster of `[offset, offset + size)`.
+    fn inc(&mut self, offset: u64, size: u64, owner: Owner) {
+        if size == 0 {
+            return;
+        }
+        let cb = self.g.cluster_bits();
+        let first = offset >> cb;
+        let last = offset.saturating_add(size - 1) >> cb;
+        for k in first..=last {
+            if k >= self.limit {
+                let msg = format!(
+                    "reference to cluster {k} (offset 0x{:x}) is more than {TAIL_LIMIT} clusters past the end of the file; not followed",
+                    k << cb
+                );
+                self.check_error(msg);
+                return;
+            }
+            // k < limit, which fits in usize (the file's clusters did).
+            if !self.report.map.add(k as usize, owner, self.refcount_max) {
+                self.corruption(format!("ERROR: overflow cluster offset=0x{:x}", k << cb));
+            }
+        }
+    }
+
+    fn walk(&mut self) -> Result<()> {
+        let h = self.image.header().clone();
+        self.inc(0, self.g.cluster_size(), Owner::Header);
+        self.check_l1(h.l1_table_offset, h.l1_size, true)?;
+        self.walk_snapshots()?;
+        let reftable_len = u64::from(h.refcount_table_clusters) * self.g.cluster_size();
+        self.inc(h.refcount_table_offset, reftable_len, Owner::RefcountTable);
+        if h.crypt_method == 2 {
+            self.walk_crypto();
+        }
+        self.walk_bitmaps()
+    }
+
+    fn check_l1(&mut self, offset: u64, l1_size: u32, active: bool) -> Result<()> {
+        if l1_size == 0 {
+            return Ok(());
+        }
+        let len = u64::from(l1_size) * 8;
+        let owner = if active { Owner::L1 } else { Owner::SnapshotL1 };
+        self.inc(offset, len, owner);
+        let table = read_clipped(self.image.storage(), offset, len)?;
+        for raw in bitmap_table::raw_entries(&table) {
+            if raw == 0 {
+                continue;
+            }
+            if raw & l2::L1_RESERVED_MASK != 0 {
+                self.corruption(format!(
+                    "ERROR found L1 entry with reserved bits set: {raw:x}"
+                ));
+            }
+            let l2_offset = raw & l2::OFFSET_MASK;
+            self.inc(l2_offset, self.g.cluster_size(), Owner::L2);
+            if !self.g.is_aligned(l2_offset) {
+                self.corruption(format!(
+                    "ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry corrupted"
+                ));
+            }
+            self.check_l2(l2_offset, active)?;
+        }
+        Ok(())
+    }
+
+    fn check_l2(&mut self, offset: u64, active: bool) -> Result<()> {
+        let table = read_clipped(self.image.storage(), offset, self.g.cluster_size())?;
+        let mut next_contiguous = 0u64;
+        let mut i = 0;
+        while let Some((entry, bitmap)) = l2::l2_entry(&table, i, self.extended) {
+            i += 1;
+            let kind = l2::classify(entry, self.g, self.extended, self.data_file);
+            if !matches!(kind, L2Kind::Compressed(_)) && entry & l2::L2_STD_RESERVED_MASK != 0 {
+                self.corruption(format!(
+                    "ERROR found l2 entry with reserved bits set: {entry:x}"
+                ));
+            }
+            match kind {
+                L2Kind::Compressed(d) => self.check_compressed(entry, bitmap, d, active),
+                L2Kind::ZeroAlloc(off) | L2Kind::Normal(off) => {
+                    self.check_allocated(entry, bitmap, off, active, &mut next_contiguous)
+                }
+                L2Kind::ZeroPlain => {}
+                L2Kind::Unallocated => {
+                    if bitmap & l2::SUBCLUSTER_ALLOC_MASK != 0 {
+                        self.corruption(
+                            "ERROR: Unallocated cluster has non-zero subcluster allocation bitmap"
+                                .into(),
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_compressed(
+        &mut self,
+        entry: u64,
+        bitmap: u64,
+        d: l2::CompressedDescriptor,
+        active: bool,
+    ) {
+        if entry & l2::COPIED != 0 {
+            self.corruption(format!(
+                "ERROR: coffset=0x{:x}: copied flag must never be set for compressed clusters",
+                d.offset
+            ));
+        }
+        if self.data_file {
+            self.corruption(format!(
+                "ERROR compressed cluster with data file, entry=0x{entry:x}"
+            ));
+            return;
+        }
+        if bitmap != 0 {
+            self.corruption(format!(
+                "ERROR compressed cluster with non-zero subcluster allocation bitmap, entry=0x{entry:x}"
+            ));
+            return;
+        }
+        self.inc(d.offset, d.len(), Owner::Compressed);
+        if active {
+            self.report.allocated_clusters += 1;
+            self.report.compressed_clusters += 1;
+            self.report.fragmented_clusters += 1;
+        }
+    }
+
+    fn check_allocated(
+        &mut self,
+        entry: u64,
+        bitmap: u64,
+        off: u64,
+        active: bool,
+        next_contiguous: &mut u64,
+    ) {
+        if (bitmap >> 32) & bitmap != 0 {
+            self.corruption(format!(
+                "ERROR offset={off:x}: Allocated cluster has corrupted subcluster status bitmap"
+            ));
+        }
+        if !self.g.is_aligned(off) {
+            let data = if self.extended {
+                bitmap & l2::SUBCLUSTER_ALLOC_MASK != 0
+            } else {
+                entry & l2::ZERO == 0
+            };
+            let what = if data { "Data" } else { "Preallocated" };
+            self.corruption(format!(
+                "ERROR offset={off:x}: {what} cluster is not properly aligned; L2 entry corrupted."
+            ));
+        }
+        if active {
+            self.report.allocated_clusters += 1;
+            if *next_contiguous != 0 && off != *next_contiguous {
+                self.report.fragmented_clusters += 1;
+            }
+            *next_contiguous = off.wrapping_add(self.g.cluster_size());
+        }
+        if !self.data_file {
+            self.inc(off, self.g.cluster_size(), Owner::Data);
+        }
+    }
+
+    fn walk_snapshots(&mut self) -> Result<()> {
+        let h = self.image.header().clone();
+        if h.nb_snapshots == 0 {
+            return Ok(());
+        }
+        if self.data_file {
+            self.corruption(format!(
+                "ERROR {} snapshots in image with data file",
+                h.nb_snapshots
+            ));
+        }
+        if h.nb_snapshots > l2::MAX_SNAPSHOTS {
+            self.check_error(format!(
+                "{} snapshots exceed QEMU's limit of {}; snapshots not walked",
+                h.nb_snapshots,
+                l2::MAX_SNAPSHOTS
+            ));
+            return Ok(());
+        }
+        let mut at = h.snapshots_offset;
+        let mut l1s = Vec::new();
+        for i in 0..h.nb_snapshots {
+            at = at.next_multiple_of(8);
+            let mut fixed = read_clipped(self.image.storage(), at, l2::SNAPSHOT_HEADER_LEN as u64)?;
+            fixed.resize(l2::SNAPSHOT_HEADER_LEN, 0);
+            let Some(sn) = SnapshotHeader::decode(&fixed) else {
+                break;
+            };
+            if sn.extra_data_size > l2::MAX_SNAPSHOT_EXTRA {
+                self.check_error(format!(
+                    "snapshot {i}: too much extra metadata ({} bytes)",
+                    sn.extra_data_size
+                ));
+                return Ok(());
+            }
+            at = at.saturating_add(sn.unpadded_len());
+            if at - h.snapshots_offset > l2::MAX_SNAPSHOT_TABLE {
+                self.check_error("snapshot table is too big".into());
+                return Ok(());
+            }
+            l1s.push((i, sn));
+        }
+        for (i, sn) in l1s {
+            if !self.g.is_aligned(sn.l1_table_offset) {
+                self.corruption(format!(
+                    "ERROR snapshot {i} l1_offset={:#x}: L1 table is not cluster aligned; snapshot table entry corrupted",
+                    sn.l1_table_offset
+                ));
+                continue;
+            }
+            if u64::from(sn.l1_size) > l2::MAX_L1_BYTES / 8 {
+                self.corruption(format!(
+                    "ERROR snapshot {i} l1_size={:#x}: L1 table is too large; snapshot table entry corrupted",
+                    sn.l1_size
+                ));
+                continue;
+            }
+            self.check_l1(sn.l1_table_offset, sn.l1_size, false)?;
+        }
+        self.inc(
+            h.snapshots_offset,
+            at - h.snapshots_offset,
+            Owner::SnapshotTable,
+        );
+        Ok(())
+    }
+
+    fn walk_crypto(&mut self) {
+        let ext = self
+            .image
+            .extensions()
+            .iter()
+            .find(|e| e.kind == ext_type::CRYPTO);
+        if let Some(data) = ext.and_then(|e| e.data.get(..16)) {
+            let offset = u64::from_be_bytes(data[..8].try_into().unwrap_or([0; 8]));
+            let length = u64::from_be_bytes(data[8..16].try_into().unwrap_or([0; 8]));
+            self.inc(offset, length, Owner::Crypto);
+        }
+    }
+
+    fn walk_bitmaps(&mut self) -> Result<()> {
+        if !self.image.bitmaps_consistent() {
+            return Ok(());
+        }
+        let Some(ext) = self
+            .image
+            .extensions()
+            .iter()
+            .find(|e| e.kind == ext_type::BITMAPS)
+        else {
+            return Ok(());
+        };
+        let Ok(bx) = BitmapsExt::decode(&ext.data, ext.offset + 8) else {
+            return Ok(());
+        };
+        if bx.nb_bitmaps == 0 {
+            return Ok(());
+        }
+        let dir_offset = bx.directory_offset;
+        self.inc(dir_offset, bx.directory_size, Owner::BitmapDirectory);
+        let len = bx
+            .directory_size
+            .min(crate::format::limits::MAX_DIRECTORY_SIZE);
+        let bytes = read_clipped(self.image.storage(), dir_offset, len)?;
+        let dir = directory::walk(&bytes, dir_offset, bx.nb_bitmaps);
+        if let Some(p) = dir.problem {
+            self.corruption(format!("bitmap directory: {p}"));
+            self.report.aborted = Some(p.to_string());
+        }
+        for (i, e) in dir.entries.iter().enumerate() {
+            self.report.bitmap_names.push(e.name_lossy());
+            let bitmap = i as u32;
+            let table_len = u64::from(e.table_size) * 8;
+            self.inc(e.table_offset, table_len, Owner::BitmapTable { bitmap });
+            let table = read_clipped(self.image.storage(), e.table_offset, table_len)?;
+            for (k, raw) in bitmap_table::raw_entries(&table).enumerate() {
+                match TableEntry::decode(raw, self.g) {
+                    TableEntry::Data(off) => {
+                        self.inc(off, self.g.cluster_size(), Owner::BitmapData { bitmap })
+                    }
+                    TableEntry::Invalid(why) => {
+                        let msg = format!(
+                            "bitmap '{}' table entry {k} (0x{raw:016x}): {why}",
+                            e.name_lossy()
+                        );
+                        self.corruption(msg.clone());
+                        self.report.aborted = Some(msg);
+                        break;
+                    }
+                    TableEntry::Zeros | TableEntry::Ones => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_refblocks(&mut self, stored: &Stored<'_, S>) {
+        let cb = self.g.cluster_bits();
+        for (i, &raw) in stored.table.iter().enumerate() {
+            let off = raw & REFTABLE_OFFSET_MASK;
+            if raw & !REFTABLE_OFFSET_MASK != 0 {
+                self.corruption(format!(
+                    "ERROR refcount table entry {i} has reserved bits set"
+                ));
+                continue;
+            }
+            if !self.g.is_aligned(off) {
+                self.corruption(format!(
+                    "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
+                ));
+                continue;
+            }
+            if off >> cb >= self.report.map.len() {
+                self.corruption(format!("ERROR refcount block {i} is outside image"));
+                continue;
+            }
+            if off != 0 {
+                self.inc(off, self.g.cluster_size(), Owner::RefcountBlock);
+                let count = self.report.map.references(off >> cb);
+                if count != 1 {
+                    self.corruption(format!("ERROR refcount block {i} refcount={count}"));
+                }
+            }
+        }
+    }
+
+    fn compare(&mut self, stored: &Stored<'_, S>) -> Result<()> {
+        let mut highest = 0u64;
+        let mut unreadable_block = None;
+        for c in 0..self.report.map.len() {
+            let Some(refcount) = stored.get(c)? else {
+                let block = c >> stored.block_bits;
+                if unreadable_block != Some(block) {
+                    unreadable_block = Some(block);
+                    self.check_error(format!(
+                        "Can't get refcount for clusters of refcount block {block}: misaligned refcount block offset"
+                    ));
+                } else {
+                    self.report.check_errors += 1;
+                }
+                continue;
+            };
+            let references = self.report.map.references(c);
+            if refcount > 0 || references > 0 {
+                highest = c;
+            }
+            if refcount == references {
+                continue;
+            }
+            let kind = if refcount < references {
+                self.report.corruptions += 1;
+                FindingKind::Error
+            } else {
+                self.report.leaks += 1;
+                FindingKind::Leak
+            };
+            self.report.findings.push(Finding {
+                cluster: c,
+                offset: c << self.g.cluster_bits(),
+                refcount,
+                references,
+                kind,
+            });
+        }
+        self.report.image_end_offset = (highest + 1) << self.g.cluster_bits();
+        Ok(())
+    }
+
+    /// QEMU's "OFLAG_COPIED" pass over the active L1 and L2 tables.
+    fn check_copied(&mut self, stored: &Stored<'_, S>) -> Result<()> {
+        let h = self.image.header().clone();
+        let cb = self.g.cluster_bits();
+        let l1 = read_clipped(
+            self.image.storage(),
+            h.l1_table_offset,
+            u64::from(h.l1_size) * 8,
+        )?;
+        for (i, l1e) in bitmap_table::raw_entries(&l1).enumerate() {
+            let l2_offset = l1e & l2::OFFSET_MASK;
+            if l2_offset == 0 {
+                continue;
+            }
+            if let Some(rc) = stored.get(l2_offset >> cb)? {
+                if (rc == 1) != (l1e & l2::COPIED != 0) {
+                    self.corruption(format!(
+                        "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount={rc}"
+                    ));
+                }
+            }
+            let table = read_clipped(self.image.storage(), l2_offset, self.g.cluster_size())?;
+            let mut j = 0;
+            while let Some((entry, _)) = l2::l2_entry(&table, j, self.extended) {
+                j += 1;
+                let off = match l2::classify(entry, self.g, self.extended, self.data_file) {
+                    L2Kind::Normal(off) | L2Kind::ZeroAlloc(off) => off,
+                    _ => continue,
+                };
+                let rc = if self.data_file {
+                    Some(1)
+                } else {
+                    stored.get(off >> cb)?
+                };
+                let Some(rc) = rc else { continue };
+                if (rc == 1) != (entry & l2::COPIED != 0) {
+                    self.corruption(format!(
+                        "ERROR OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={rc}"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_packing_round_trips() {
+        let all = [
+            Owner::Header,
+            Owner::RefcountTable,
+            Owner::RefcountBlock,
+            Owner::L1,
+            Owner::L2,
+            Owner::Data,
+            Owner::Compressed,
+            Owner::SnapshotTable,
+            Owner::SnapshotL1,
+            Owner::Crypto,
+            Owner::BitmapDirectory,
+            Owner::BitmapTable { bitmap: 65534 },
+            Owner::BitmapData { bitmap: 7 },
+        ];
+        for o in all {
+            assert_eq!(Owner::unpack(o.pack()), Some(o));
+        }
+        assert_eq!(Owner::unpack(0), None);
+    }
+
+    #[test]
+    fn map_counts_saturate_and_tracks_distinct_owners() {
+        let mut m = RefMap::default();
+        assert!(m.add(3, Owner::Data, 1));
+        assert!(!m.add(3, Owner::Data, 1));
+        assert!(m.add(4, Owner::Data, 5));
+        assert!(m.add(4, Owner::Data, 5));
+        assert!(m.add(4, Owner::BitmapData { bitmap: 0 }, 5));
+        assert_eq!(m.references(4), 3);
+        assert_eq!(m.owners(4), [Owner::Data, Owner::BitmapData { bitmap: 0 }]);
+        assert_eq!(m.shared().collect::<Vec<_>>(), [4]);
+        assert_eq!(m.len(), 5);
+        assert_eq!(m.references(99), 0);
+    }
+}
