@@ -116,6 +116,31 @@ pub enum Command {
     },
     /// TARGET |= each SOURCE (granularities may differ; virtual sizes must match).
     Merge(MergeArgs),
+    /// Check refcounts (as qemu-img check) and every bitmap rule.
+    /// Exit: 0 clean, 1 incomplete, 2 corruption, 3 leaks only, 4 unusable bitmaps (and at most leaks).
+    Check {
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        read: ReadOpts,
+        /// The qcow2 image.
+        image: PathBuf,
+    },
+    /// Make the bitmaps consistent and openable by QEMU again, keeping every bitmap that can be kept.
+    Repair {
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+        /// Print the plan and write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// What to do with in-use, stale or unreadable bitmaps: make them fully dirty, or remove them.
+        #[arg(long = "in-use", value_enum, default_value = "dirty")]
+        in_use: InUseArg,
+        /// The qcow2 image.
+        image: PathBuf,
+    },
     /// Every header field, header extension and directory entry; with --bitmap, its table.
     Dump {
         /// Print one JSON document.
@@ -129,6 +154,15 @@ pub enum Command {
         #[arg(long)]
         bitmap: Option<String>,
     },
+}
+
+/// `--in-use` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InUseArg {
+    /// Mark every bit dirty (the next incremental backup is a full one).
+    Dirty,
+    /// Remove the bitmap.
+    Remove,
 }
 
 /// Options of `merge`.

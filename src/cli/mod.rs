@@ -5,6 +5,7 @@
 
 mod args;
 mod commands;
+mod integrity;
 mod output;
 mod size;
 mod write_cmds;

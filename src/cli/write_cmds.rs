@@ -28,6 +28,13 @@ pub fn dispatch(cmd: &Command) -> Outcome {
         Command::Enable { image, name } => run(image, |tx| tx.set_enabled(name, true)),
         Command::Disable { image, name } => run(image, |tx| tx.set_enabled(name, false)),
         Command::Merge(m) => merge(m),
+        Command::Check { json, read, image } => super::integrity::check(image, read, *json),
+        Command::Repair {
+            json,
+            dry_run,
+            in_use,
+            image,
+        } => super::integrity::repair_cmd(image, *json, *dry_run, *in_use),
         Command::Info { .. }
         | Command::Extents { .. }
         | Command::Hash { .. }

@@ -9,6 +9,7 @@
 //! [`Image::extents`], [`Image::load`], [`Image::sha256`]).
 
 mod bitmaps;
+mod check;
 mod extents;
 mod hash;
 mod lint;
@@ -16,6 +17,7 @@ mod open;
 pub mod refcheck;
 
 pub use bitmaps::{BitmapEntry, BitmapState, BitmapStatus, Table, expected_dimensions};
+pub use check::{CheckReport, Verdict};
 pub use extents::{Extent, Extents};
 pub use hash::hex;
 pub use lint::{Finding, Severity};

@@ -35,6 +35,6 @@ pub mod refcounts;
 pub mod repair;
 mod transaction;
 
-pub use open::open_path;
+pub use open::{open_path, open_rw};
 pub use ops::{MergeSource, default_granularity, granularity_bits};
 pub use transaction::Transaction;

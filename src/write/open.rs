@@ -14,6 +14,14 @@ use std::path::Path;
 /// # Errors
 /// I/O errors naming the path, `Locked`, and every error of [`Transaction::begin`].
 pub fn open_path(path: &Path) -> Result<Transaction<RwFile>> {
+    Transaction::begin(open_rw(path)?)
+}
+
+/// Opens `path` read-write with QEMU's write locks held as long as the file lives.
+///
+/// # Errors
+/// I/O errors naming the path, `Locked` while a QEMU process holds the image.
+pub fn open_rw(path: &Path) -> Result<RwFile> {
     let shown = path.display().to_string();
     let file = OpenOptions::new()
         .read(true)
@@ -28,6 +36,5 @@ pub fn open_path(path: &Path) -> Result<Transaction<RwFile>> {
         return Err(Error::invalid_input(&shown, "not a regular file"));
     }
     lock::lock(&file, &shown, Access::Write)?;
-    let rw = RwFile::new(file).map_err(|e| Error::io(&shown, None, e))?;
-    Transaction::begin(rw)
+    RwFile::new(file).map_err(|e| Error::io(&shown, None, e))
 }

@@ -322,26 +322,56 @@ pub struct RepairReport {
     pub clean: bool,
 }
 
+/// The plan `repair` would carry out on `image`, without writing anything.
+///
+/// # Errors
+/// I/O errors while checking.
+pub fn repair_dry_run<S: ReadAt>(image: &Image<S>, policy: InUsePolicy) -> Result<RepairReport> {
+    let plan = plan(image, policy);
+    let plan_is_empty = plan.is_empty();
+    let before = image.check()?;
+    let mut report = RepairReport {
+        actions: plan.actions,
+        ..RepairReport::default()
+    };
+    if before.refcounts.leaks > 0 {
+        let msg = format!(
+            "free the leaked clusters ({} now, plus any the rewrite leaves unreferenced)",
+            before.refcounts.leaks
+        );
+        act(&mut report.actions, None, msg);
+    }
+    let outside = refcount_errors_outside_bitmaps(&before);
+    if outside > 0 {
+        act(
+            &mut report.actions,
+            None,
+            format!(
+                "leave {outside} refcount errors outside the bitmaps to `qemu-img check -r all`"
+            ),
+        );
+    }
+    // Only refcount errors outside the bitmaps are beyond repair; a walk that
+    // stopped on malformed bitmap metadata completes once the plan drops it.
+    let walk_ok = before.refcounts.check_errors == 0 && before.refcounts.aborted.is_none();
+    report.clean = outside == 0 && (walk_ok || !plan_is_empty);
+    Ok(report)
+}
+
 /// Repairs the bitmaps of the image in `storage` and frees leaked clusters.
-/// With `dry_run`, nothing is written and the report lists the plan.
 ///
 /// # Errors
 /// Images this crate must not write (corrupt bit, dirty bit), I/O errors.
-pub fn repair<S: WriteAt>(storage: S, policy: InUsePolicy, dry_run: bool) -> Result<(S, RepairReport)> {
+pub fn repair<S: WriteAt>(storage: S, policy: InUsePolicy) -> Result<(S, RepairReport)> {
     let (plan, before) = {
         let image = Image::open(&storage)?;
         (plan(&image, policy), image.check()?)
     };
-    let mut report = RepairReport { actions: plan.actions.clone(), ..RepairReport::default() };
+    let mut report = RepairReport {
+        actions: plan.actions.clone(),
+        ..RepairReport::default()
+    };
     let outside = refcount_errors_outside_bitmaps(&before);
-    if dry_run {
-        if before.refcounts.leaks > 0 {
-            let msg = format!("free the leaked clusters ({} now, plus those the rewrite leaves unreferenced)", before.refcounts.leaks);
-            act(&mut report.actions, None, msg);
-        }
-        report.clean = outside == 0 && before.refcounts.check_errors == 0;
-        return Ok((storage, report));
-    }
     let mut storage = if plan.is_empty() {
         storage
     } else {
@@ -353,7 +383,9 @@ pub fn repair<S: WriteAt>(storage: S, policy: InUsePolicy, dry_run: bool) -> Res
     let after = Image::open(&storage)?.check()?;
     report.clean = after.verdict() == crate::read::Verdict::Clean;
     if outside > 0 {
-        let msg = format!("{outside} refcount errors outside the bitmaps were left alone: run `qemu-img check -r all`");
+        let msg = format!(
+            "{outside} refcount errors outside the bitmaps were left alone: run `qemu-img check -r all`"
+        );
         act(&mut report.actions, None, msg);
     }
     Ok((storage, report))
@@ -361,9 +393,20 @@ pub fn repair<S: WriteAt>(storage: S, policy: InUsePolicy, dry_run: bool) -> Res
 
 fn refcount_errors_outside_bitmaps(r: &crate::read::CheckReport) -> u64 {
     use crate::read::refcheck::{FindingKind, Owner};
-    let bitmap = |o: &Owner| matches!(o, Owner::BitmapTable { .. } | Owner::BitmapData { .. } | Owner::BitmapDirectory);
-    let errors = r.refcounts.findings.iter().filter(|f| f.kind == FindingKind::Error);
-    errors.filter(|f| !r.refcounts.map.owners(f.cluster).iter().any(bitmap)).count() as u64
+    let bitmap = |o: &Owner| {
+        matches!(
+            o,
+            Owner::BitmapTable { .. } | Owner::BitmapData { .. } | Owner::BitmapDirectory
+        )
+    };
+    let errors = r
+        .refcounts
+        .findings
+        .iter()
+        .filter(|f| f.kind == FindingKind::Error);
+    errors
+        .filter(|f| !r.refcounts.map.owners(f.cluster).iter().any(bitmap))
+        .count() as u64
 }
 
 /// Lowers the refcount of every leaked cluster to its reference count, when
@@ -375,11 +418,22 @@ fn free_leaks<S: WriteAt>(storage: &mut S, actions: &mut Vec<Action>) -> Result<
         (image.header().clone(), refcount_check(&image)?)
     };
     if report.check_errors > 0 || report.aborted.is_some() {
-        let why = report.aborted.clone().unwrap_or_else(|| format!("{} check errors", report.check_errors));
-        act(actions, None, format!("leaked clusters were not freed: the owner walk is incomplete ({why})"));
+        let why = report
+            .aborted
+            .clone()
+            .unwrap_or_else(|| format!("{} check errors", report.check_errors));
+        act(
+            actions,
+            None,
+            format!("leaked clusters were not freed: the owner walk is incomplete ({why})"),
+        );
         return Ok(0);
     }
-    let leaks: Vec<_> = report.findings.iter().filter(|f| f.kind == FindingKind::Leak).collect();
+    let leaks: Vec<_> = report
+        .findings
+        .iter()
+        .filter(|f| f.kind == FindingKind::Leak)
+        .collect();
     if leaks.is_empty() {
         return Ok(0);
     }
@@ -390,6 +444,10 @@ fn free_leaks<S: WriteAt>(storage: &mut S, actions: &mut Vec<Action>) -> Result<
         }
     }
     rc.apply_decrements(storage)?;
-    act(actions, None, format!("freed {} leaked clusters", leaks.len()));
+    act(
+        actions,
+        None,
+        format!("freed {} leaked clusters", leaks.len()),
+    );
     Ok(leaks.len() as u64)
 }

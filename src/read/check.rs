@@ -1,9 +1,9 @@
 //! `check`: the refcount walk (exactly what `qemu-img check` counts) plus
 //! every bitmap rule, merged into one report with one exit status.
 
+use super::Image;
 use super::lint::{Finding, Severity};
 use super::refcheck::{self, FindingKind, Owner, RefcountReport};
-use super::Image;
 use crate::error::Result;
 use crate::storage::ReadAt;
 
@@ -48,12 +48,23 @@ impl Verdict {
 impl CheckReport {
     /// Number of findings of `severity`.
     pub fn count(&self, severity: Severity) -> usize {
-        self.findings.iter().filter(|f| f.severity == severity).count()
+        self.findings
+            .iter()
+            .filter(|f| f.severity == severity)
+            .count()
     }
 
     /// The overall verdict.
     pub fn verdict(&self) -> Verdict {
-        if self.refcounts.check_errors > 0 || self.refcounts.aborted.is_some() {
+        // Malformed bitmap metadata is a verdict even when the refcount walk
+        // had to stop (QEMU itself cannot open such images).
+        let bitmap_corruption = self
+            .findings
+            .iter()
+            .any(|f| f.severity == Severity::Corruption && f.bitmap.is_some());
+        if bitmap_corruption {
+            Verdict::Corrupt
+        } else if self.refcounts.check_errors > 0 || self.refcounts.aborted.is_some() {
             Verdict::Incomplete
         } else if self.count(Severity::Corruption) > 0 {
             Verdict::Corrupt
@@ -77,25 +88,54 @@ impl<S: ReadAt> Image<S> {
         let mut findings = self.lint_bitmaps();
         findings.extend(shared_bitmap_clusters(&refcounts));
         for d in &refcounts.diagnostics {
-            findings.push(Finding { severity: Severity::Corruption, bitmap: None, offset: None, message: d.message.clone() });
+            findings.push(Finding {
+                severity: Severity::Corruption,
+                bitmap: None,
+                offset: None,
+                message: d.message.clone(),
+            });
         }
-        if let Some(why) = &refcounts.aborted {
-            findings.push(Finding { severity: Severity::Corruption, bitmap: None, offset: None, message: format!("check stopped: {why}") });
+        if let Some(why) = refcounts
+            .aborted
+            .as_ref()
+            .filter(|w| !refcounts.diagnostics.iter().any(|d| &&d.message == w))
+        {
+            findings.push(Finding {
+                severity: Severity::Corruption,
+                bitmap: None,
+                offset: None,
+                message: format!("check stopped: {why}"),
+            });
         }
         for f in &refcounts.findings {
             let (severity, word) = match f.kind {
                 FindingKind::Leak => (Severity::Leak, "Leaked cluster"),
                 FindingKind::Error => (Severity::Corruption, "ERROR cluster"),
             };
-            let message = format!("{word} {} refcount={} reference={}", f.cluster, f.refcount, f.references);
-            findings.push(Finding { severity, bitmap: None, offset: Some(f.offset), message });
+            let message = format!(
+                "{word} {} refcount={} reference={}",
+                f.cluster, f.refcount, f.references
+            );
+            findings.push(Finding {
+                severity,
+                bitmap: None,
+                offset: Some(f.offset),
+                message,
+            });
         }
-        Ok(CheckReport { refcounts, findings })
+        Ok(CheckReport {
+            refcounts,
+            findings,
+        })
     }
 }
 
 fn owner_name(o: &Owner, names: &[String]) -> String {
-    let bitmap = |i: &u32| names.get(*i as usize).map_or_else(|| format!("#{i}"), |n| format!("'{n}'"));
+    let bitmap = |i: &u32| {
+        names
+            .get(*i as usize)
+            .map_or_else(|| format!("#{i}"), |n| format!("'{n}'"))
+    };
     match o {
         Owner::BitmapTable { bitmap: i } => format!("the table of bitmap {}", bitmap(i)),
         Owner::BitmapData { bitmap: i } => format!("data of bitmap {}", bitmap(i)),
@@ -106,26 +146,37 @@ fn owner_name(o: &Owner, names: &[String]) -> String {
 }
 
 fn is_bitmap(o: &Owner) -> bool {
-    matches!(o, Owner::BitmapTable { .. } | Owner::BitmapData { .. } | Owner::BitmapDirectory)
+    matches!(
+        o,
+        Owner::BitmapTable { .. } | Owner::BitmapData { .. } | Owner::BitmapDirectory
+    )
 }
 
 /// Clusters a bitmap shares with another owner (another bitmap, guest data, metadata).
 fn shared_bitmap_clusters(r: &RefcountReport) -> Vec<Finding> {
-    let cs = if r.file_clusters > 0 && !r.findings.is_empty() { 0 } else { 0 };
-    let _ = cs;
     let mut out = Vec::new();
     for c in r.map.shared() {
         let owners = r.map.owners(c);
         if !owners.iter().any(is_bitmap) {
             continue;
         }
-        let names: Vec<String> = owners.iter().map(|o| owner_name(o, &r.bitmap_names)).collect();
+        let names: Vec<String> = owners
+            .iter()
+            .map(|o| owner_name(o, &r.bitmap_names))
+            .collect();
         let bitmap = owners.iter().find_map(|o| match o {
-            Owner::BitmapTable { bitmap } | Owner::BitmapData { bitmap } => r.bitmap_names.get(*bitmap as usize).cloned(),
+            Owner::BitmapTable { bitmap } | Owner::BitmapData { bitmap } => {
+                r.bitmap_names.get(*bitmap as usize).cloned()
+            }
             _ => None,
         });
         let message = format!("cluster {c} is shared between {}", names.join(" and "));
-        out.push(Finding { severity: Severity::Corruption, bitmap, offset: None, message });
+        out.push(Finding {
+            severity: Severity::Corruption,
+            bitmap,
+            offset: None,
+            message,
+        });
     }
     out
 }
