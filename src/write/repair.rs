@@ -183,7 +183,7 @@ fn plan_entry<S: ReadAt>(
             }
             InUsePolicy::Remove => {
                 say(actions, format!("{why}: remove it (--in-use remove)"));
-                return Fix::Drop;
+                Fix::Drop
             }
         }
     } else if !e.extra_data.is_empty() || e.flags & FLAG_EXTRA_DATA_COMPATIBLE != 0 {
