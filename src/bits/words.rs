@@ -10,7 +10,10 @@
 
 use std::ops::Range;
 
-use super::mask::{Masks, WORD_BITS, clip, from_bit, word_index};
+use super::mask::{Masks, WORD_BITS, below_bit, clip, from_bit, word_index};
+
+#[path = "popcount.rs"]
+mod popcount;
 
 /// Words scanned per early-exit check in the search loops.
 const CHUNK: usize = 8;
@@ -46,15 +49,38 @@ pub fn xor_into(dst: &mut [u64], src: &[u64]) {
 }
 
 /// Number of set bits in the slice.
+///
+/// Uses the CPU's popcount instruction when it has one (detected at run
+/// time), else [`count_ones_portable`].
 pub fn count_ones(words: &[u64]) -> u64 {
-    words.iter().map(|w| u64::from(w.count_ones())).sum()
+    popcount::count(words)
+}
+
+/// [`count_ones`] without run-time dispatch: the portable software popcount
+/// that CPUs without a popcount instruction get. Public so that benchmarks
+/// can measure the two side by side.
+pub fn count_ones_portable(words: &[u64]) -> u64 {
+    popcount::portable(words)
 }
 
 /// Number of set bits with index in `range` (clipped to the slice).
+///
+/// Not a `Masks` loop like the other range kernels: the whole middle
+/// words go to [`count_ones`] as one slice so they get its dispatched
+/// popcount; only the partial first and last words are masked here.
 pub fn count_ones_range(words: &[u64], range: Range<u64>) -> u64 {
-    Masks::new(range, words.len())
-        .map(|(i, m)| u64::from((words[i] & m).count_ones()))
-        .sum()
+    let r = clip(range, words.len());
+    if r.is_empty() {
+        return 0;
+    }
+    let (first, last) = (word_index(r.start), word_index(r.end - 1));
+    let (head, tail) = (from_bit(r.start), below_bit(r.end));
+    if first == last {
+        return u64::from((words[first] & head & tail).count_ones());
+    }
+    u64::from((words[first] & head).count_ones())
+        + count_ones(&words[first + 1..last])
+        + u64::from((words[last] & tail).count_ones())
 }
 
 /// Index of the first set bit in `[from, end)`, or `None`.

@@ -1,0 +1,88 @@
+//! Population count of a word slice, dispatched at run time to the CPU's
+//! popcount instruction.
+//!
+//! The default `x86_64` target predates `POPCNT`, so a plain `count_ones`
+//! loop compiles to a bit-twiddling sequence of about a dozen instructions
+//! per word: 1.3-1.5x the time of a plain read-and-sum of the same words at
+//! 32 MiB, 5-6x in cache (`benches/popcount.rs`). On `x86_64` we check for
+//! `POPCNT` at run time and call the *same plain loop* compiled with that
+//! feature enabled (about 1.05x read-and-sum at 32 MiB). Other architectures,
+//! and x86 CPUs without `POPCNT`, get the portable loop.
+//!
+//! Not kept: the same loop compiled with `avx2` (which LLVM vectorises with a
+//! nibble lookup table) was 1.3x faster than `POPCNT` in cache but no faster
+//! at 32 MiB, where bitmaps read from an image are memory-bound anyway.
+
+/// The portable loop: correct on every target, whatever the CPU.
+#[inline]
+pub(super) fn portable(words: &[u64]) -> u64 {
+    words.iter().map(|w| u64::from(w.count_ones())).sum()
+}
+
+/// [`portable`] compiled with `POPCNT` when the running CPU has it.
+///
+/// `is_x86_feature_detected!` caches its answer in a static atomic after the
+/// first query, so each call costs one relaxed load and a bit test.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+pub(super) fn count(words: &[u64]) -> u64 {
+    // An `unsafe fn` rather than a safe `#[target_feature]` function, which
+    // would need Rust 1.86 (the crate supports 1.85).
+    #[target_feature(enable = "popcnt")]
+    unsafe fn with_popcnt(words: &[u64]) -> u64 {
+        portable(words)
+    }
+    if std::arch::is_x86_feature_detected!("popcnt") {
+        // SAFETY: the only precondition of calling a `target_feature`
+        // function is that the CPU supports the feature, which was detected
+        // at run time just above.
+        return unsafe { with_popcnt(words) };
+    }
+    portable(words)
+}
+
+/// [`portable`]: no run-time dispatch off `x86_64`.
+#[cfg(not(target_arch = "x86_64"))]
+pub(super) fn count(words: &[u64]) -> u64 {
+    portable(words)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::{count, portable};
+    use crate::bits::naive;
+
+    /// Words biased towards all-zero and all-one values.
+    fn arb_words() -> impl Strategy<Value = Vec<u64>> {
+        let word = prop_oneof![Just(0u64), Just(!0u64), Just(1 << 63), any::<u64>()];
+        prop::collection::vec(word, 0..300)
+    }
+
+    proptest! {
+        #[test]
+        fn dispatched_matches_naive(w in arb_words()) {
+            let expect = naive::count_ones_range(&naive::bits_of(&w), 0..u64::MAX);
+            prop_assert_eq!(count(&w), expect);
+        }
+
+        /// The fallback, which this machine may never dispatch to.
+        #[test]
+        fn portable_matches_naive(w in arb_words()) {
+            let expect = naive::count_ones_range(&naive::bits_of(&w), 0..u64::MAX);
+            prop_assert_eq!(portable(&w), expect);
+        }
+    }
+
+    #[test]
+    fn reports_dispatch() {
+        #[cfg(target_arch = "x86_64")]
+        eprintln!(
+            "popcnt detected: {}",
+            std::arch::is_x86_feature_detected!("popcnt")
+        );
+        assert_eq!(count(&[!0; 5]), 320);
+        assert_eq!(portable(&[!0; 5]), 320);
+    }
+}
