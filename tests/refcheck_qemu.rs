@@ -391,3 +391,99 @@ fn committed_fixtures_match_recorded_checks() {
     }
     assert!(seen >= 10, "only {seen} fixtures compared");
 }
+
+fn patch_u64(path: &Path, at: u64, value: u64) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let at = at as usize;
+    if bytes.len() < at + 8 {
+        bytes.resize(at + 8, 0);
+    }
+    bytes[at..at + 8].copy_from_slice(&value.to_be_bytes());
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// A 4 KiB-cluster image with 64 KiB of data at 0 and a bitmap; returns
+/// (header, L2 table offset).
+fn base_image(s: &Scratch, name: &str, opts: &str) -> (Header, u64) {
+    s.run(&format!(
+        "qemu-img create -q -f qcow2 -o cluster_size=4k{opts} {name} 16M
+         qemu-io -f qcow2 -c 'write -P 1 0 64k' -c 'write -P 2 8M 4k' {name} >/dev/null"
+    ));
+    let bytes = std::fs::read(s.path(name)).unwrap();
+    let h = Header::decode(&bytes).unwrap();
+    let l2 = read_u64(&bytes, h.l1_table_offset as usize) & 0x00ff_ffff_ffff_fe00;
+    (h, l2)
+}
+
+#[test]
+fn hostile_edges() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Scratch::new();
+    const COPIED: u64 = 1 << 63;
+    let mut cases: Vec<(String, PathBuf)> = Vec::new();
+    let mut case = |s: &Scratch, name: &str, opts: &str, f: &dyn Fn(&Path, &Header, u64)| {
+        let (h, l2) = base_image(s, name, opts);
+        f(&s.path(name), &h, l2);
+        cases.push((name.to_string(), s.path(name)));
+    };
+    // L2 entries pointing past the end of the file, near and far.
+    case(&s, "beyond.qcow2", "", &|p, _, l2| {
+        let len = std::fs::metadata(p).unwrap().len();
+        patch_u64(p, l2 + 8 * 20, COPIED | (len + 5 * 4096));
+        patch_u64(p, l2 + 8 * 21, COPIED | (len + 700 * 4096));
+    });
+    // A data cluster referenced twice (two L2 entries).
+    case(&s, "twice.qcow2", "", &|p, _, l2| {
+        let bytes = std::fs::read(p).unwrap();
+        patch_u64(p, l2 + 8 * 30, read_u64(&bytes, l2 as usize));
+    });
+    // Same with 1-bit refcounts: the expected count overflows.
+    case(&s, "twice1.qcow2", ",refcount_bits=1", &|p, _, l2| {
+        let bytes = std::fs::read(p).unwrap();
+        patch_u64(p, l2 + 8 * 30, read_u64(&bytes, l2 as usize));
+    });
+    // Reserved bits in L1 and L2 entries; misaligned data offset.
+    case(&s, "reserved.qcow2", "", &|p, h, l2| {
+        let bytes = std::fs::read(p).unwrap();
+        let l1e = read_u64(&bytes, h.l1_table_offset as usize);
+        patch_u64(p, h.l1_table_offset, l1e | 0x100);
+        let e = read_u64(&bytes, l2 as usize + 8);
+        patch_u64(p, l2 + 8, e | 0x2);
+        let e = read_u64(&bytes, l2 as usize + 16);
+        patch_u64(p, l2 + 16, e + 0x200);
+    });
+    // Copied flag cleared on a data entry and on the L1 entry.
+    case(&s, "copied.qcow2", "", &|p, h, l2| {
+        let bytes = std::fs::read(p).unwrap();
+        let l1e = read_u64(&bytes, h.l1_table_offset as usize);
+        patch_u64(p, h.l1_table_offset, l1e & !COPIED);
+        let e = read_u64(&bytes, l2 as usize + 24);
+        patch_u64(p, l2 + 24, e & !COPIED);
+    });
+    // A refcount block outside the image, and one misaligned.
+    case(&s, "rbout.qcow2", "", &|p, h, _| {
+        patch_u64(p, h.refcount_table_offset + 8, 1 << 40);
+    });
+    case(&s, "rbmis.qcow2", "", &|p, h, _| {
+        patch_u64(p, h.refcount_table_offset + 8, 0x1200);
+    });
+    // The file ends in the middle of the last data cluster.
+    case(&s, "short.qcow2", "", &|p, _, _| {
+        let len = std::fs::metadata(p).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+        f.set_len(len - 1000).unwrap();
+    });
+    // A compressed entry with the copied flag set.
+    case(&s, "ccopied.qcow2", "", &|p, _, l2| {
+        patch_u64(p, l2 + 8 * 40, COPIED | (1 << 62) | 0x1000);
+    });
+    for (name, path) in cases {
+        let r = agree(&path, &[]);
+        eprintln!(
+            "case {name}: leaks {} corruptions {} check errors {}",
+            r.leaks, r.corruptions, r.check_errors
+        );
+    }
+}

@@ -19,9 +19,11 @@
 //! misaligned refcount block offset) are check errors.
 //!
 //! Tables are read only where they lie inside the file; the rest reads as
-//! zeros, as QEMU's reads past the end do. Expected counts are kept for the
-//! file's clusters plus at most [`TAIL_LIMIT`] clusters past its end, so a
-//! claimed huge table cannot make the check allocate or loop without bound.
+//! zeros, as QEMU's reads past the end do. Like QEMU, a referenced region
+//! that ends a cluster or more past the end of the file is a corruption and
+//! is not counted, so expected counts never cover more than the file's
+//! clusters plus one, and a claimed huge table cannot make the check
+//! allocate or loop without bound.
 //! This module never writes.
 
 use std::collections::BTreeMap;
@@ -37,9 +39,6 @@ use crate::format::l2::{self, L2Kind, SnapshotHeader};
 use crate::format::refcount::{self, REFTABLE_OFFSET_MASK};
 use crate::storage::ReadAt;
 use crate::types::Geometry;
-
-/// How many clusters past the end of the file references are followed.
-pub const TAIL_LIMIT: u64 = 1 << 20;
 
 /// What a host cluster is used for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -364,7 +363,6 @@ fn read_clipped<S: ReadAt>(storage: &S, off: u64, len: u64) -> Result<Vec<u8>> {
 struct Walker<'a, S> {
     image: &'a Image<S>,
     g: Geometry,
-    limit: u64,
     refcount_max: u64,
     extended: bool,
     data_file: bool,
@@ -389,7 +387,6 @@ impl<'a, S: ReadAt> Walker<'a, S> {
         Ok(Walker {
             image,
             g,
-            limit: file_clusters.saturating_add(TAIL_LIMIT),
             refcount_max: refcount::max_refcount(h.refcount_order.min(refcount::MAX_ORDER)),
             extended: h.incompatible_features & incompat::EXTL2 != 0,
             data_file: h.incompatible_features & incompat::DATA_FILE != 0,
@@ -414,23 +411,26 @@ impl<'a, S: ReadAt> Walker<'a, S> {
     }
 
     /// One reference from `owner` to every cluster of `[offset, offset + size)`.
+    ///
+    /// Like QEMU, a region ending a cluster or more past the end of the file
+    /// is not counted at all: it is one corruption.
     fn inc(&mut self, offset: u64, size: u64, owner: Owner) {
         if size == 0 {
             return;
         }
+        let end = u128::from(offset) + u128::from(size);
+        let file_len = u128::from(self.image.storage().len());
+        if end >= file_len + u128::from(self.g.cluster_size()) {
+            self.corruption(format!(
+                "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x{offset:x} size 0x{size:x}"
+            ));
+            return;
+        }
         let cb = self.g.cluster_bits();
+        // end - 1 < file_len + cluster_size, so these clusters fit the map's bound.
         let first = offset >> cb;
-        let last = offset.saturating_add(size - 1) >> cb;
+        let last = (offset + (size - 1)) >> cb;
         for k in first..=last {
-            if k >= self.limit {
-                let msg = format!(
-                    "reference to cluster {k} (offset 0x{:x}) is more than {TAIL_LIMIT} clusters past the end of the file; not followed",
-                    k << cb
-                );
-                self.check_error(msg);
-                return;
-            }
-            // k < limit, which fits in usize (the file's clusters did).
             if !self.report.map.add(k as usize, owner, self.refcount_max) {
                 self.corruption(format!("ERROR: overflow cluster offset=0x{:x}", k << cb));
             }
