@@ -405,8 +405,13 @@ fn patch_u64(path: &Path, at: u64, value: u64) {
 /// A 4 KiB-cluster image with 64 KiB of data at 0 and a bitmap; returns
 /// (header, L2 table offset).
 fn base_image(s: &Scratch, name: &str, opts: &str) -> (Header, u64) {
+    let opts = if opts.contains("cluster_size") {
+        opts.trim_start_matches(',').to_string()
+    } else {
+        format!("cluster_size=4k{opts}")
+    };
     s.run(&format!(
-        "qemu-img create -q -f qcow2 -o cluster_size=4k{opts} {name} 16M
+        "qemu-img create -q -f qcow2 -o {opts} {name} 16M
          qemu-io -f qcow2 -c 'write -P 1 0 64k' -c 'write -P 2 8M 4k' {name} >/dev/null"
     ));
     let bytes = std::fs::read(s.path(name)).unwrap();
@@ -479,6 +484,45 @@ fn hostile_edges() {
     case(&s, "ccopied.qcow2", "", &|p, _, l2| {
         patch_u64(p, l2 + 8 * 40, COPIED | (1 << 62) | 0x1000);
     });
+    // The first refcount block misaligned: no refcount can be read.
+    case(&s, "rb0mis.qcow2", "", &|p, h, _| {
+        let bytes = std::fs::read(p).unwrap();
+        let rb = read_u64(&bytes, h.refcount_table_offset as usize);
+        patch_u64(p, h.refcount_table_offset, rb + 0x200);
+    });
+    // Reserved bits in a refcount table entry.
+    case(&s, "rbres.qcow2", "", &|p, h, _| {
+        let bytes = std::fs::read(p).unwrap();
+        let rb = read_u64(&bytes, h.refcount_table_offset as usize);
+        patch_u64(p, h.refcount_table_offset, rb | 1);
+    });
+    // The file loses more than a cluster: the last data cluster is gone.
+    case(&s, "trunc.qcow2", "", &|p, _, _| {
+        let len = std::fs::metadata(p).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+        f.set_len(len - 4096 - 100).unwrap();
+    });
+    // An L1 entry with only the copied flag: an "L2 table" at offset 0.
+    case(&s, "l1zero.qcow2", "", &|p, h, _| {
+        patch_u64(p, h.l1_table_offset + 8, COPIED);
+    });
+    // An L2 offset past the end of the file.
+    case(&s, "l2far.qcow2", "", &|p, h, _| {
+        patch_u64(p, h.l1_table_offset + 8, COPIED | (1 << 30));
+    });
+    // A subcluster bitmap that says allocated and zero at once, and one
+    // with allocation bits on an unallocated entry.
+    case(
+        &s,
+        "xbits.qcow2",
+        ",extended_l2=on,cluster_size=16k",
+        &|p, _, l2| {
+            let bytes = std::fs::read(p).unwrap();
+            let bm = read_u64(&bytes, l2 as usize + 8);
+            patch_u64(p, l2 + 8, bm | (1 << 32));
+            patch_u64(p, l2 + 16 * 50 + 8, 3);
+        },
+    );
     for (name, path) in cases {
         let r = agree(&path, &[]);
         eprintln!(

@@ -353,6 +353,9 @@ impl<'a, S: ReadAt> Stored<'a, S> {
 fn read_clipped<S: ReadAt>(storage: &S, off: u64, len: u64) -> Result<Vec<u8>> {
     let end = off.saturating_add(len).min(storage.len());
     let n = usize::try_from(end.saturating_sub(off)).unwrap_or(0);
+    if n == 0 {
+        return Ok(Vec::new());
+    }
     let mut scratch = Vec::new();
     let got = storage
         .read_at(off, n, &mut scratch)
