@@ -281,6 +281,20 @@ fn bitmaps_and_stale_bitmaps() {
            qemu-io -f qcow2 -c 'write 2M 4k' -c abort crash.qcow2 >/dev/null 2>&1 || true",
     );
     agree(&s.path("crash.qcow2"), &[]);
+    // An invalid table entry in an in-use bitmap: QEMU opens the image but
+    // the check fails ("Check failed: Invalid argument", rc 1).
+    let crash = s.path("crash.qcow2");
+    let image = Image::open(std::fs::read(&crash).unwrap()).unwrap();
+    let table = image.bitmaps()[0].entry.table_offset;
+    patch_u64(&crash, table, 0x1000 | 1);
+    let rc = Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(&crash)
+        .output()
+        .unwrap();
+    assert_eq!(rc.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&rc.stderr).contains("Check failed"));
+    assert!(ours(&crash).aborted.is_some());
     // Clearing autoclear bit 0 makes the bitmap clusters leak.
     let mut bytes = std::fs::read(s.path("b.qcow2")).unwrap();
     bytes[95] &= !1;
@@ -530,4 +544,64 @@ fn hostile_edges() {
             r.leaks, r.corruptions, r.check_errors
         );
     }
+}
+
+#[test]
+fn snapshot_tables_data_files_and_shared_bitmap_clusters() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Scratch::new();
+    // A version 2 image with snapshots.
+    s.run(
+        "qemu-img create -q -f qcow2 -o compat=0.10,cluster_size=4k v2.qcow2 8M
+           qemu-io -f qcow2 -c 'write -P 1 0 64k' v2.qcow2 >/dev/null
+           qemu-img snapshot -c a v2.qcow2
+           qemu-io -f qcow2 -c 'write -P 2 0 8k' v2.qcow2 >/dev/null",
+    );
+    agree(&s.path("v2.qcow2"), &[]);
+    // A snapshot whose L1 offset is misaligned, and one whose L1 is huge.
+    s.run(
+        "qemu-img create -q -f qcow2 -o cluster_size=4k sn.qcow2 8M
+           qemu-io -f qcow2 -c 'write -P 1 0 64k' sn.qcow2 >/dev/null
+           qemu-img snapshot -c a sn.qcow2
+           qemu-img snapshot -c b sn.qcow2
+           cp sn.qcow2 snbig.qcow2",
+    );
+    let bytes = std::fs::read(s.path("sn.qcow2")).unwrap();
+    let h = Header::decode(&bytes).unwrap();
+    let l1 = read_u64(&bytes, h.snapshots_offset as usize);
+    patch_u64(&s.path("sn.qcow2"), h.snapshots_offset, l1 + 0x200);
+    agree(&s.path("sn.qcow2"), &[]);
+    let mut big = std::fs::read(s.path("snbig.qcow2")).unwrap();
+    let at = h.snapshots_offset as usize + 8;
+    big[at..at + 4].copy_from_slice(&0x0100_0000u32.to_be_bytes());
+    std::fs::write(s.path("snbig.qcow2"), big).unwrap();
+    agree(&s.path("snbig.qcow2"), &[]);
+    // An external data file: guest data is not counted.
+    s.run(
+        "qemu-img create -q -f qcow2 -o data_file=\"$PWD/d.raw\",cluster_size=4k df.qcow2 8M
+           qemu-io -f qcow2 -c 'write -P 1 0 64k' -c 'write -z 1M 8k' df.qcow2 >/dev/null",
+    );
+    let r = agree(&s.path("df.qcow2"), &[]);
+    assert!(r.allocated_clusters > 0);
+    // A bitmap table entry pointing at a guest data cluster: shared.
+    s.run(
+        "qemu-img create -q -f qcow2 -o cluster_size=4k sh.qcow2 8M
+           qemu-img bitmap --add sh.qcow2 b0
+           qemu-io -f qcow2 -c 'write -P 1 0 64k' sh.qcow2 >/dev/null",
+    );
+    let path = s.path("sh.qcow2");
+    let image = Image::open(std::fs::read(&path).unwrap()).unwrap();
+    let b0 = image.bitmaps()[0].entry.clone();
+    let data = first_data_cluster(&std::fs::read(&path).unwrap(), image.header());
+    patch_u64(&path, b0.table_offset, data);
+    let r = agree(&path, &[]);
+    let shared: Vec<u64> = r.map.shared().collect();
+    assert_eq!(shared, [data >> 12]);
+    assert_eq!(
+        r.map.owners(data >> 12),
+        [Owner::Data, Owner::BitmapData { bitmap: 0 }]
+    );
+    assert_eq!(r.bitmap_names, ["b0"]);
 }
