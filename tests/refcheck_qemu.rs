@@ -320,7 +320,7 @@ fn luks_encrypted_image() {
     let made = Command::new("sh")
         .arg("-ec")
         .arg(format!(
-            "qemu-img create -q {obj} -f qcow2 -o encrypt.format=luks,encrypt.key-secret=sec0 l.qcow2 16M
+            "qemu-img create -q {obj} -f qcow2 -o encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10 l.qcow2 16M
              qemu-io {obj} --image-opts -c 'write -P 1 0 128k' driver=qcow2,file.filename=l.qcow2,encrypt.key-secret=sec0 >/dev/null"
         ))
         .current_dir(s.dir.path())
