@@ -281,6 +281,20 @@ fn bitmaps_and_stale_bitmaps() {
            qemu-io -f qcow2 -c 'write 2M 4k' -c abort crash.qcow2 >/dev/null 2>&1 || true",
     );
     agree(&s.path("crash.qcow2"), &[]);
+    // An invalid table entry in an in-use bitmap: QEMU opens the image but
+    // the check fails ("Check failed: Invalid argument", rc 1).
+    let crash = s.path("crash.qcow2");
+    let image = Image::open(std::fs::read(&crash).unwrap()).unwrap();
+    let table = image.bitmaps()[0].entry.table_offset;
+    patch_u64(&crash, table, 0x1000 | 1);
+    let rc = Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(&crash)
+        .output()
+        .unwrap();
+    assert_eq!(rc.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&rc.stderr).contains("Check failed"));
+    assert!(ours(&crash).aborted.is_some());
     // Clearing autoclear bit 0 makes the bitmap clusters leak.
     let mut bytes = std::fs::read(s.path("b.qcow2")).unwrap();
     bytes[95] &= !1;
@@ -306,7 +320,7 @@ fn luks_encrypted_image() {
     let made = Command::new("sh")
         .arg("-ec")
         .arg(format!(
-            "qemu-img create -q {obj} -f qcow2 -o encrypt.format=luks,encrypt.key-secret=sec0 l.qcow2 16M
+            "qemu-img create -q {obj} -f qcow2 -o encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10 l.qcow2 16M
              qemu-io {obj} --image-opts -c 'write -P 1 0 128k' driver=qcow2,file.filename=l.qcow2,encrypt.key-secret=sec0 >/dev/null"
         ))
         .current_dir(s.dir.path())
@@ -390,4 +404,204 @@ fn committed_fixtures_match_recorded_checks() {
         seen += 1;
     }
     assert!(seen >= 10, "only {seen} fixtures compared");
+}
+
+fn patch_u64(path: &Path, at: u64, value: u64) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let at = at as usize;
+    if bytes.len() < at + 8 {
+        bytes.resize(at + 8, 0);
+    }
+    bytes[at..at + 8].copy_from_slice(&value.to_be_bytes());
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// A 4 KiB-cluster image with 64 KiB of data at 0 and a bitmap; returns
+/// (header, L2 table offset).
+fn base_image(s: &Scratch, name: &str, opts: &str) -> (Header, u64) {
+    let opts = if opts.contains("cluster_size") {
+        opts.trim_start_matches(',').to_string()
+    } else {
+        format!("cluster_size=4k{opts}")
+    };
+    s.run(&format!(
+        "qemu-img create -q -f qcow2 -o {opts} {name} 16M
+         qemu-io -f qcow2 -c 'write -P 1 0 64k' -c 'write -P 2 8M 4k' {name} >/dev/null"
+    ));
+    let bytes = std::fs::read(s.path(name)).unwrap();
+    let h = Header::decode(&bytes).unwrap();
+    let l2 = read_u64(&bytes, h.l1_table_offset as usize) & 0x00ff_ffff_ffff_fe00;
+    (h, l2)
+}
+
+#[test]
+fn hostile_edges() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Scratch::new();
+    const COPIED: u64 = 1 << 63;
+    let mut cases: Vec<(String, PathBuf)> = Vec::new();
+    let mut case = |s: &Scratch, name: &str, opts: &str, f: &dyn Fn(&Path, &Header, u64)| {
+        let (h, l2) = base_image(s, name, opts);
+        f(&s.path(name), &h, l2);
+        cases.push((name.to_string(), s.path(name)));
+    };
+    // L2 entries pointing past the end of the file, near and far.
+    case(&s, "beyond.qcow2", "", &|p, _, l2| {
+        let len = std::fs::metadata(p).unwrap().len();
+        patch_u64(p, l2 + 8 * 20, COPIED | (len + 5 * 4096));
+        patch_u64(p, l2 + 8 * 21, COPIED | (len + 700 * 4096));
+    });
+    // A data cluster referenced twice (two L2 entries).
+    case(&s, "twice.qcow2", "", &|p, _, l2| {
+        let bytes = std::fs::read(p).unwrap();
+        patch_u64(p, l2 + 8 * 30, read_u64(&bytes, l2 as usize));
+    });
+    // Same with 1-bit refcounts: the expected count overflows.
+    case(&s, "twice1.qcow2", ",refcount_bits=1", &|p, _, l2| {
+        let bytes = std::fs::read(p).unwrap();
+        patch_u64(p, l2 + 8 * 30, read_u64(&bytes, l2 as usize));
+    });
+    // Reserved bits in L1 and L2 entries; misaligned data offset.
+    case(&s, "reserved.qcow2", "", &|p, h, l2| {
+        let bytes = std::fs::read(p).unwrap();
+        let l1e = read_u64(&bytes, h.l1_table_offset as usize);
+        patch_u64(p, h.l1_table_offset, l1e | 0x100);
+        let e = read_u64(&bytes, l2 as usize + 8);
+        patch_u64(p, l2 + 8, e | 0x2);
+        let e = read_u64(&bytes, l2 as usize + 16);
+        patch_u64(p, l2 + 16, e + 0x200);
+    });
+    // Copied flag cleared on a data entry and on the L1 entry.
+    case(&s, "copied.qcow2", "", &|p, h, l2| {
+        let bytes = std::fs::read(p).unwrap();
+        let l1e = read_u64(&bytes, h.l1_table_offset as usize);
+        patch_u64(p, h.l1_table_offset, l1e & !COPIED);
+        let e = read_u64(&bytes, l2 as usize + 24);
+        patch_u64(p, l2 + 24, e & !COPIED);
+    });
+    // A refcount block outside the image, and one misaligned.
+    case(&s, "rbout.qcow2", "", &|p, h, _| {
+        patch_u64(p, h.refcount_table_offset + 8, 1 << 40);
+    });
+    case(&s, "rbmis.qcow2", "", &|p, h, _| {
+        patch_u64(p, h.refcount_table_offset + 8, 0x1200);
+    });
+    // The file ends in the middle of the last data cluster.
+    case(&s, "short.qcow2", "", &|p, _, _| {
+        let len = std::fs::metadata(p).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+        f.set_len(len - 1000).unwrap();
+    });
+    // A compressed entry with the copied flag set.
+    case(&s, "ccopied.qcow2", "", &|p, _, l2| {
+        patch_u64(p, l2 + 8 * 40, COPIED | (1 << 62) | 0x1000);
+    });
+    // The first refcount block misaligned: no refcount can be read.
+    case(&s, "rb0mis.qcow2", "", &|p, h, _| {
+        let bytes = std::fs::read(p).unwrap();
+        let rb = read_u64(&bytes, h.refcount_table_offset as usize);
+        patch_u64(p, h.refcount_table_offset, rb + 0x200);
+    });
+    // Reserved bits in a refcount table entry.
+    case(&s, "rbres.qcow2", "", &|p, h, _| {
+        let bytes = std::fs::read(p).unwrap();
+        let rb = read_u64(&bytes, h.refcount_table_offset as usize);
+        patch_u64(p, h.refcount_table_offset, rb | 1);
+    });
+    // The file loses more than a cluster: the last data cluster is gone.
+    case(&s, "trunc.qcow2", "", &|p, _, _| {
+        let len = std::fs::metadata(p).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+        f.set_len(len - 4096 - 100).unwrap();
+    });
+    // An L1 entry with only the copied flag: an "L2 table" at offset 0.
+    case(&s, "l1zero.qcow2", "", &|p, h, _| {
+        patch_u64(p, h.l1_table_offset + 8, COPIED);
+    });
+    // An L2 offset past the end of the file.
+    case(&s, "l2far.qcow2", "", &|p, h, _| {
+        patch_u64(p, h.l1_table_offset + 8, COPIED | (1 << 30));
+    });
+    // A subcluster bitmap that says allocated and zero at once, and one
+    // with allocation bits on an unallocated entry.
+    case(
+        &s,
+        "xbits.qcow2",
+        ",extended_l2=on,cluster_size=16k",
+        &|p, _, l2| {
+            let bytes = std::fs::read(p).unwrap();
+            let bm = read_u64(&bytes, l2 as usize + 8);
+            patch_u64(p, l2 + 8, bm | (1 << 32));
+            patch_u64(p, l2 + 16 * 50 + 8, 3);
+        },
+    );
+    for (name, path) in cases {
+        let r = agree(&path, &[]);
+        eprintln!(
+            "case {name}: leaks {} corruptions {} check errors {}",
+            r.leaks, r.corruptions, r.check_errors
+        );
+    }
+}
+
+#[test]
+fn snapshot_tables_data_files_and_shared_bitmap_clusters() {
+    if !have_qemu() {
+        return;
+    }
+    let s = Scratch::new();
+    // A version 2 image with snapshots.
+    s.run(
+        "qemu-img create -q -f qcow2 -o compat=0.10,cluster_size=4k v2.qcow2 8M
+           qemu-io -f qcow2 -c 'write -P 1 0 64k' v2.qcow2 >/dev/null
+           qemu-img snapshot -c a v2.qcow2
+           qemu-io -f qcow2 -c 'write -P 2 0 8k' v2.qcow2 >/dev/null",
+    );
+    agree(&s.path("v2.qcow2"), &[]);
+    // A snapshot whose L1 offset is misaligned, and one whose L1 is huge.
+    s.run(
+        "qemu-img create -q -f qcow2 -o cluster_size=4k sn.qcow2 8M
+           qemu-io -f qcow2 -c 'write -P 1 0 64k' sn.qcow2 >/dev/null
+           qemu-img snapshot -c a sn.qcow2
+           qemu-img snapshot -c b sn.qcow2
+           cp sn.qcow2 snbig.qcow2",
+    );
+    let bytes = std::fs::read(s.path("sn.qcow2")).unwrap();
+    let h = Header::decode(&bytes).unwrap();
+    let l1 = read_u64(&bytes, h.snapshots_offset as usize);
+    patch_u64(&s.path("sn.qcow2"), h.snapshots_offset, l1 + 0x200);
+    agree(&s.path("sn.qcow2"), &[]);
+    let mut big = std::fs::read(s.path("snbig.qcow2")).unwrap();
+    let at = h.snapshots_offset as usize + 8;
+    big[at..at + 4].copy_from_slice(&0x0100_0000u32.to_be_bytes());
+    std::fs::write(s.path("snbig.qcow2"), big).unwrap();
+    agree(&s.path("snbig.qcow2"), &[]);
+    // An external data file: guest data is not counted.
+    s.run(
+        "qemu-img create -q -f qcow2 -o data_file=\"$PWD/d.raw\",cluster_size=4k df.qcow2 8M
+           qemu-io -f qcow2 -c 'write -P 1 0 64k' -c 'write -z 1M 8k' df.qcow2 >/dev/null",
+    );
+    let r = agree(&s.path("df.qcow2"), &[]);
+    assert!(r.allocated_clusters > 0);
+    // A bitmap table entry pointing at a guest data cluster: shared.
+    s.run(
+        "qemu-img create -q -f qcow2 -o cluster_size=4k sh.qcow2 8M
+           qemu-img bitmap --add sh.qcow2 b0
+           qemu-io -f qcow2 -c 'write -P 1 0 64k' sh.qcow2 >/dev/null",
+    );
+    let path = s.path("sh.qcow2");
+    let image = Image::open(std::fs::read(&path).unwrap()).unwrap();
+    let b0 = image.bitmaps()[0].entry.clone();
+    let data = first_data_cluster(&std::fs::read(&path).unwrap(), image.header());
+    patch_u64(&path, b0.table_offset, data);
+    let r = agree(&path, &[]);
+    let shared: Vec<u64> = r.map.shared().collect();
+    assert_eq!(shared, [data >> 12]);
+    assert_eq!(
+        r.map.owners(data >> 12),
+        [Owner::Data, Owner::BitmapData { bitmap: 0 }]
+    );
+    assert_eq!(r.bitmap_names, ["b0"]);
 }
