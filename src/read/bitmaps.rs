@@ -405,18 +405,28 @@ impl<S: ReadAt> Image<S> {
     pub fn load(&self, b: &BitmapEntry, force: bool) -> Result<bits::Bitmap> {
         self.require_ok(b, force)?;
         let t = self.table(b)?;
-        let mut map = bits::Bitmap::zeros(t.nbits);
+        // One pass over fresh memory: each cluster's words are appended
+        // (zeros, ones, or converted bytes); from_words clears the tail bits.
+        let mut words: Vec<u64> = Vec::with_capacity(bits::words_for(t.nbits));
         let mut scratch = Vec::new();
         for k in 0..t.entries.len() {
             let (first, end) = t.cluster_bits(k);
+            let (lo, hi) = (
+                words.len(),
+                usize::try_from(end.div_ceil(64)).unwrap_or(usize::MAX),
+            );
+            debug_assert_eq!(lo as u64, first / 64);
             match t.entries[k] {
-                TableEntry::Ones => map.set_range(first..end),
-                TableEntry::Data(off) => map
-                    .fill_from_le_bytes(first, self.cluster_bytes(off, end - first, &mut scratch)?),
-                _ => {}
+                TableEntry::Ones => words.resize(hi, u64::MAX),
+                TableEntry::Data(off) => {
+                    let bytes = self.cluster_bytes(off, end - first, &mut scratch)?;
+                    words.resize(hi, 0);
+                    bits::bytes::le_bytes_to_words(bytes, &mut words[lo..hi]);
+                }
+                _ => words.resize(hi, 0),
             }
         }
-        Ok(map)
+        Ok(bits::Bitmap::from_words(words, t.nbits))
     }
 }
 

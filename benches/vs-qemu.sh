@@ -1,0 +1,283 @@
+#!/usr/bin/env bash
+# Wall time and peak RSS of qcow2-bitmap against QEMU's tools on the same images.
+#
+# Builds 16 TiB qcow2 images (64 KiB clusters) with 1, 8 and 32 dense 64 KiB-granularity
+# bitmaps (every one of the 512 bitmap data clusters allocated, ~12% of the disk dirty, a few
+# thousand extents, bitmaps differing from each other), then times each operation of ours and
+# of QEMU alternately on the same image state (a fresh synced copy per run for write commands;
+# copying is not timed) and prints medians.
+#
+# Usage: benches/vs-qemu.sh [--quick] [--keep] [--out FILE] [--runs N] [--cap SECONDS]
+#                           [--tmpdir DIR]
+#   --quick        1 and 8 bitmaps only, median of 3
+#   --keep         keep the temp dir (images, raw results)
+#   --out FILE     also write the table as Markdown to FILE
+#   --runs N       measured runs per tool and operation (default 5, --quick 3)
+#   --cap SECONDS  stop adding runs to an (operation, bitmaps) pair once its measured runs took
+#                  this long in total (at least one run is always made; 0 = no cap, default)
+#   --tmpdir DIR   where the temp dir goes (default $TMPDIR or /tmp); needs < 15 GiB
+# Env: QCOW2_BITMAP=path skips the cargo build; CARGO_TARGET_DIR (default /tmp/target-vsq).
+#
+# Needs qemu-img, qemu-io, qemu-nbd, nbdinfo (Debian libnbd-bin), GNU time (/usr/bin/time),
+# python3. QEMU rewrites every bitmap on each read-write open/close, so with 32 dense bitmaps
+# one qemu-img bitmap call writes ~1 GiB: a full run takes a long time on slow disks.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/.." && pwd)
+helper="$here/vs-qemu-report.py"
+
+quick=0 keep=0 out="" runs="" cap=0 tmpbase="${TMPDIR:-/tmp}"
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) quick=1 ;;
+        --keep) keep=1 ;;
+        --out) out=$2; shift ;;
+        --out=*) out=${1#--out=} ;;
+        --runs) runs=$2; shift ;;
+        --cap) cap=$2; shift ;;
+        --tmpdir) tmpbase=$2; shift ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) echo "vs-qemu: unknown option $1" >&2; exit 1 ;;
+    esac
+    shift
+done
+if [ "$quick" = 1 ]; then counts=(1 8); runs=${runs:-3}; else counts=(1 8 32); runs=${runs:-5}; fi
+[ -n "$out" ] && out=$(realpath -m "$out")
+
+die() { echo "vs-qemu: FATAL: $*" >&2; exit 1; }
+log() { echo "[$(date +%T)] $*" >&2; }
+
+for t in qemu-img qemu-io qemu-nbd nbdinfo python3; do
+    command -v "$t" >/dev/null || die "$t not found (nbdinfo: apt-get install -y libnbd-bin)"
+done
+if [ ! -x /usr/bin/time ]; then
+    log "installing GNU time"
+    apt-get install -y time >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y time >/dev/null; }
+fi
+/usr/bin/time -f %M true 2>/dev/null || die "/usr/bin/time is not GNU time"
+
+# ---- our binary --------------------------------------------------------------------------
+if [ -n "${QCOW2_BITMAP:-}" ]; then
+    ours=$QCOW2_BITMAP
+else
+    export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/tmp/target-vsq}
+    log "cargo build --release (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
+    (cd "$repo" && cargo build --release --quiet --bin qcow2-bitmap) || die "cargo build failed"
+    ours=$CARGO_TARGET_DIR/release/qcow2-bitmap
+fi
+[ -x "$ours" ] || die "$ours missing"
+have_check=0
+"$ours" check --help >/dev/null 2>&1 && have_check=1
+
+# ---- temp dir ----------------------------------------------------------------------------
+tmp=$(mktemp -d "$tmpbase/vs-qemu.XXXXXX")
+cleanup() {
+    local rc=$?
+    if [ "$keep" = 1 ]; then echo "vs-qemu: kept $tmp" >&2; else rm -rf "$tmp"; fi
+    exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+results=$tmp/results.tsv
+errors=$tmp/errors.txt
+: >"$results"; : >"$errors"
+
+# ---- image construction (untimed; QEMU only, flushes off since nothing is measured) ------
+# qemu-img bitmap on an image, without fdatasync (cache.no-flush): build steps only.
+qbm() { # qbm IMG ACTION... BITMAP
+    local img=$1; shift
+    qemu-img bitmap --image-opts "$@" >/dev/null \
+        "driver=qcow2,file.driver=file,file.filename=$img,cache.no-flush=on" 2>"$tmp/qbm.err" \
+        || { local a=("$@"); die "build: qemu-img bitmap ${a[*]} $img: $(cat "$tmp/qbm.err")"; }
+}
+qio() { # qio IMG < commands
+    qemu-io -t unsafe -f qcow2 "$1" >"$tmp/qio.out" 2>&1 || die "build: qemu-io $1: $(tail -3 "$tmp/qio.out")"
+    if grep -qi 'error\|failed' "$tmp/qio.out"; then die "build: qemu-io $1: $(grep -i -m3 'error\|failed' "$tmp/qio.out")"; fi
+}
+
+build_image() { # build_image IMG NBITMAPS
+    local img=$1 n=$2 groups k g
+    qemu-img create -q -f qcow2 -o cluster_size=64k "$img" 16T
+    for ((k = 0; k < n; k++)); do qbm "$img" --add -g 64K "b$k"; done
+    # Variation while the bitmaps are still sparse (cheap QEMU rewrites): bitmap k is in group
+    # k % groups; group g records vary-writes 0..g. So b0 lacks what b1 has (merge has work).
+    groups=$(( n < 4 ? n : 4 ))
+    for ((g = 0; g < groups; g++)); do
+        python3 "$helper" writes $((1000 + g)) vary | qio "$img"
+        if ((g < groups - 1)); then
+            for ((k = g; k < n; k += groups)); do qbm "$img" --disable "b$k"; done
+        fi
+    done
+    for ((k = 0; k < n; k++)); do
+        if (( k % groups < groups - 1 )); then qbm "$img" --enable "b$k"; fi
+    done
+    # Dense phase, every bitmap enabled: every 32 GiB chunk gets writes, plus large ranges.
+    python3 "$helper" writes 42 dense | qio "$img"
+    sync "$img"
+    qemu-img check -q "$img" || die "build: qemu-img check $img failed"
+}
+
+# ---- measurement -------------------------------------------------------------------------
+now_ns() { date +%s%N; }
+# run_timed TOOL OP N RUN CMD... : runs CMD under GNU time, appends a result row.
+# RUN = w for the warm-up (not recorded). Sets $last_ms. A failing command records FAIL.
+run_timed() {
+    local tool=$1 op=$2 n=$3 run=$4; shift 4
+    local t0 t1 rc=0 rss
+    t0=$(now_ns)
+    /usr/bin/time -f %M -o "$tmp/rss" "$@" >/dev/null 2>"$tmp/stderr" || rc=$?
+    t1=$(now_ns)
+    last_ms=$(( (t1 - t0) / 1000 ))
+    last_ms=$(printf '%d.%03d' $((last_ms / 1000)) $((last_ms % 1000)))
+    rss=$(tail -1 "$tmp/rss")
+    if [ "$rc" != 0 ]; then
+        printf '%s (%s bitmaps, exit %s): %s\n    %s\n' "$tool/$op" "$n" "$rc" "$*" \
+            "$(head -c 2000 "$tmp/stderr")" >>"$errors"
+        log "FAILED ($tool $op, $n bitmaps, exit $rc): $* -- $(head -c 300 "$tmp/stderr")"
+        printf '%s\t%s\t%s\t%s\t0\t0\tFAIL\n' "$op" "$n" "$tool" "$run" >>"$results"
+        return 1
+    fi
+    if [ "$run" != w ]; then
+        printf '%s\t%s\t%s\t%s\t%s\t%s\tok\n' "$op" "$n" "$tool" "$run" "$last_ms" "$rss" >>"$results"
+    fi
+}
+
+# Command lines; %IMG% is replaced by the image of the run.
+ours_cmd() { # ours_cmd OP IMG
+    case $1 in
+        info) echo "$ours info --json $2" ;;
+        add) echo "$ours add $2 new" ;;
+        remove) echo "$ours remove $2 b0" ;;
+        disable) echo "$ours disable $2 b0" ;;
+        enable) echo "$ours enable $2 b0" ;;
+        clear) echo "$ours clear $2 b0" ;;
+        merge) echo "$ours merge $2 b0 b1" ;;
+        check) echo "$ours check $2" ;;
+        extents) echo "$ours extents --json $2 b0" ;;
+    esac
+}
+qemu_cmd() {
+    case $1 in
+        info) echo "qemu-img info --output=json $2" ;;
+        add) echo "qemu-img bitmap --add $2 new" ;;
+        remove) echo "qemu-img bitmap --remove $2 b0" ;;
+        disable) echo "qemu-img bitmap --disable $2 b0" ;;
+        enable) echo "qemu-img bitmap --enable $2 b0" ;;
+        clear) echo "qemu-img bitmap --clear $2 b0" ;;
+        merge) echo "qemu-img bitmap --merge b1 $2 b0" ;;
+        check) echo "qemu-img check $2" ;;
+        extents) echo "nbdinfo --json --map=qemu:dirty-bitmap:b0 -- [ qemu-nbd -r -f qcow2 -B b0 $2 ]" ;;
+    esac
+}
+is_write() { case $1 in add|remove|disable|enable|clear|merge) return 0 ;; esac; return 1; }
+
+# One run of one tool. For write commands the image is a fresh synced copy of $base.
+# Leaves the result image in $tmp/run-TOOL.qcow2 when KEEP_RESULT=1.
+one_run() { # one_run TOOL OP N RUN BASE
+    local tool=$1 op=$2 n=$3 run=$4 base=$5 img cmd
+    if is_write "$op"; then
+        img=$tmp/run-$tool.qcow2
+        rm -f "$img"
+        cp --reflink=auto --sparse=always "$base" "$img"
+        sync "$img"   # the copy's dirty pages must not be flushed by the timed command's fsync
+    else
+        img=$base
+    fi
+    if [ "$tool" = ours ]; then cmd=$(ours_cmd "$op" "$img"); else cmd=$(qemu_cmd "$op" "$img"); fi
+    # shellcheck disable=SC2086 # word splitting of the command line is intended (no spaces in paths)
+    run_timed "$tool" "$op" "$n" "$run" $cmd || true
+}
+
+measure_op() { # measure_op OP N BASE
+    local op=$1 n=$2 base=$3 i spent=0 first second
+    local tools=(ours qemu)
+    if [ "$op" = check ] && [ "$have_check" = 0 ]; then
+        printf 'check\t%s\tours\t-\t0\t0\tn/a\n' "$n" >>"$results"
+        tools=(qemu)
+    fi
+    if [ "$op" = merge ] && [ "$n" -lt 2 ]; then
+        printf 'merge\t%s\tours\t-\t0\t0\tn/a\nmerge\t%s\tqemu\t-\t0\t0\tn/a\n' "$n" "$n" >>"$results"
+        return
+    fi
+    log "$op, $n bitmaps: warm-up"
+    for t in "${tools[@]}"; do
+        one_run "$t" "$op" "$n" w "$base"
+        if is_write "$op" && [ -f "$tmp/run-$t.qcow2" ]; then mv "$tmp/run-$t.qcow2" "$tmp/warm-$t.qcow2"; fi
+    done
+    if [ "$op" = merge ] && [ -f "$tmp/warm-ours.qcow2" ]; then
+        # Cheap correctness gate: our merged image passes qemu-img check, and b0 equals QEMU's.
+        qemu-img check "$tmp/warm-ours.qcow2" >"$tmp/check.out" 2>&1 \
+            || { cat "$tmp/check.out" >&2; die "qemu-img check failed (exit $?) after: $(ours_cmd merge IMG)"; }
+        local h1 h2
+        h1=$("$ours" hash "$tmp/warm-ours.qcow2" b0) || die "hash after our merge failed"
+        h2=$("$ours" hash "$tmp/warm-qemu.qcow2" b0) || die "hash after qemu merge failed"
+        [ "$h1" = "$h2" ] || die "merged b0 differs: ours $h1, qemu $h2"
+        log "merge validated: qemu-img check exit 0, b0 hash equals QEMU's ($h1)"
+    fi
+    if [ "$op" = disable ] && [ -f "$tmp/warm-qemu.qcow2" ]; then
+        # QEMU's own disable result is the (QEMU-written) starting state for "enable".
+        mv "$tmp/warm-qemu.qcow2" "$tmp/base-disabled.qcow2"
+    fi
+    rm -f "$tmp"/warm-*.qcow2
+    for ((i = 1; i <= runs; i++)); do
+        if ((i % 2)); then first=${tools[0]}; second=${tools[-1]}; else first=${tools[-1]}; second=${tools[0]}; fi
+        one_run "$first" "$op" "$n" "$i" "$base"
+        local a=$last_ms
+        if [ "$second" != "$first" ]; then one_run "$second" "$op" "$n" "$i" "$base"; else last_ms=0; fi
+        spent=$(python3 -c "print($spent + $a + $last_ms)")
+        log "$op, $n bitmaps, run $i: $first ${a}s, $second ${last_ms}s"
+        if [ "$cap" != 0 ] && python3 -c "import sys; sys.exit(0 if $spent >= $cap else 1)"; then
+            [ "$i" -lt "$runs" ] && log "$op, $n bitmaps: cap of ${cap}s reached after $i runs"
+            break
+        fi
+    done
+    rm -f "$tmp"/run-*.qcow2
+}
+
+# ---- main --------------------------------------------------------------------------------
+start=$(now_ns)
+for n in "${counts[@]}"; do
+    img=$tmp/img$n.qcow2
+    log "building 16 TiB image with $n dense bitmap(s)"
+    build_image "$img" "$n"
+    sz=$(stat -c %s "$img"); du=$(du -k "$img" | cut -f1)
+    log "image: $((sz / 1048576)) MiB apparent, $((du / 1024)) MiB allocated"
+    [ "$du" -lt $((4 * 1024 * 1024)) ] || die "image $img takes more than 4 GiB"
+    "$ours" info "$img" | head -12 >&2 || true
+    for op in info add remove disable enable clear merge check extents; do
+        b=$img
+        if [ "$op" = enable ]; then
+            [ -f "$tmp/base-disabled.qcow2" ] || die "no disabled-b0 image for enable"
+            b=$tmp/base-disabled.qcow2
+        fi
+        measure_op "$op" "$n" "$b"
+    done
+    rm -f "$img" "$tmp/base-disabled.qcow2"
+done
+wall=$(( ($(now_ns) - start) / 1000000000 ))
+
+# ---- report ------------------------------------------------------------------------------
+commit=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)
+git -C "$repo" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || commit="$commit (+ uncommitted changes in src/)"
+{
+    echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+    echo "nproc: $(nproc); CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+    echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "qemu-img: $(qemu-img --version | head -1)"
+    echo "qcow2-bitmap: $($ours --version 2>/dev/null | head -1), git $commit"
+    echo "images: 16 TiB, 64 KiB clusters, 64 KiB-granularity bitmaps, all 512 data clusters allocated per bitmap"
+    echo "runs: median of up to $runs (alternating order, warm page cache, one untimed warm-up each)$([ "$cap" != 0 ] && echo ", cap ${cap}s per pair")"
+    echo "write commands run on a fresh synced copy each time (copy not timed)"
+    echo "extents (qemu): nbdinfo + qemu-nbd; RSS is the larger of the two processes"
+    echo "wall time of the whole run: ${wall}s"
+} >"$tmp/header.txt"
+echo
+python3 "$helper" report "$results" "$tmp/header.txt" ${out:+"$out"}
+if [ -s "$errors" ]; then
+    echo
+    echo "FAILURES of commands:"
+    cat "$errors"
+fi
+[ -n "$out" ] && echo "(written to $out)" >&2
+exit 0
