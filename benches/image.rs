@@ -181,6 +181,15 @@ fn bench_image(c: &mut Criterion, path: &Path) {
             assert_eq!(image.load(b, false).expect("load").count_ones(), ones);
         })
     });
+    let mut reused = image.load(b, false).expect("load");
+    g.bench_function("load_into_reused", |bench| {
+        bench.iter(|| {
+            black_box(&image)
+                .load_into(b, false, &mut reused)
+                .expect("load");
+            assert_eq!(reused.len(), 1 << 28);
+        })
+    });
     g.bench_function("status", |bench| {
         bench.iter(|| assert_eq!(black_box(&image).status(b).dirty_bytes, Some(dirty)))
     });

@@ -85,11 +85,12 @@ errors=$tmp/errors.txt
 
 # ---- image construction (untimed; QEMU only, flushes off since nothing is measured) ------
 # qemu-img bitmap on an image, without fdatasync (cache.no-flush): build steps only.
-qbm() { # qbm IMG ACTION... BITMAP
-    local img=$1; shift
-    qemu-img bitmap --image-opts "$@" >/dev/null \
-        "driver=qcow2,file.driver=file,file.filename=$img,cache.no-flush=on" 2>"$tmp/qbm.err" \
-        || { local a=("$@"); die "build: qemu-img bitmap ${a[*]} $img: $(cat "$tmp/qbm.err")"; }
+qbm() { # qbm IMG BITMAP ACTION...
+    local img=$1 bm=$2; shift 2
+    qemu-img bitmap --image-opts "$@" \
+        "driver=qcow2,file.driver=file,file.filename=$img,cache.no-flush=on" "$bm" \
+        >/dev/null 2>"$tmp/qbm.err" \
+        || die "build: qemu-img bitmap $* $img $bm: $(cat "$tmp/qbm.err")"
 }
 qio() { # qio IMG < commands
     qemu-io -t unsafe -f qcow2 "$1" >"$tmp/qio.out" 2>&1 || die "build: qemu-io $1: $(tail -3 "$tmp/qio.out")"
@@ -99,18 +100,18 @@ qio() { # qio IMG < commands
 build_image() { # build_image IMG NBITMAPS
     local img=$1 n=$2 groups k g
     qemu-img create -q -f qcow2 -o cluster_size=64k "$img" 16T
-    for ((k = 0; k < n; k++)); do qbm "$img" --add -g 64K "b$k"; done
+    for ((k = 0; k < n; k++)); do qbm "$img" "b$k" --add -g 64K; done
     # Variation while the bitmaps are still sparse (cheap QEMU rewrites): bitmap k is in group
     # k % groups; group g records vary-writes 0..g. So b0 lacks what b1 has (merge has work).
     groups=$(( n < 4 ? n : 4 ))
     for ((g = 0; g < groups; g++)); do
         python3 "$helper" writes $((1000 + g)) vary | qio "$img"
         if ((g < groups - 1)); then
-            for ((k = g; k < n; k += groups)); do qbm "$img" --disable "b$k"; done
+            for ((k = g; k < n; k += groups)); do qbm "$img" "b$k" --disable; done
         fi
     done
     for ((k = 0; k < n; k++)); do
-        if (( k % groups < groups - 1 )); then qbm "$img" --enable "b$k"; fi
+        if (( k % groups < groups - 1 )); then qbm "$img" "b$k" --enable; fi
     done
     # Dense phase, every bitmap enabled: every 32 GiB chunk gets writes, plus large ranges.
     python3 "$helper" writes 42 dense | qio "$img"
@@ -125,12 +126,14 @@ now_ns() { date +%s%N; }
 run_timed() {
     local tool=$1 op=$2 n=$3 run=$4; shift 4
     local t0 t1 rc=0 rss
+    last_rc=0
     t0=$(now_ns)
     /usr/bin/time -f %M -o "$tmp/rss" "$@" >/dev/null 2>"$tmp/stderr" || rc=$?
     t1=$(now_ns)
     last_ms=$(( (t1 - t0) / 1000 ))
     last_ms=$(printf '%d.%03d' $((last_ms / 1000)) $((last_ms % 1000)))
     rss=$(tail -1 "$tmp/rss")
+    last_rc=$rc
     if [ "$rc" != 0 ]; then
         printf '%s (%s bitmaps, exit %s): %s\n    %s\n' "$tool/$op" "$n" "$rc" "$*" \
             "$(head -c 2000 "$tmp/stderr")" >>"$errors"
@@ -175,7 +178,7 @@ is_write() { case $1 in add|remove|disable|enable|clear|merge) return 0 ;; esac;
 # One run of one tool. For write commands the image is a fresh synced copy of $base.
 # Leaves the result image in $tmp/run-TOOL.qcow2 when KEEP_RESULT=1.
 one_run() { # one_run TOOL OP N RUN BASE
-    local tool=$1 op=$2 n=$3 run=$4 base=$5 img cmd
+    local tool=$1 op=$2 n=$3 run=$4 base=$5 img cmd argv
     if is_write "$op"; then
         img=$tmp/run-$tool.qcow2
         rm -f "$img"
@@ -185,8 +188,8 @@ one_run() { # one_run TOOL OP N RUN BASE
         img=$base
     fi
     if [ "$tool" = ours ]; then cmd=$(ours_cmd "$op" "$img"); else cmd=$(qemu_cmd "$op" "$img"); fi
-    # shellcheck disable=SC2086 # word splitting of the command line is intended (no spaces in paths)
-    run_timed "$tool" "$op" "$n" "$run" $cmd || true
+    read -r -a argv <<<"$cmd"   # split on blanks, no globbing (paths have no spaces)
+    run_timed "$tool" "$op" "$n" "$run" "${argv[@]}" || true
 }
 
 measure_op() { # measure_op OP N BASE
@@ -203,9 +206,10 @@ measure_op() { # measure_op OP N BASE
     log "$op, $n bitmaps: warm-up"
     for t in "${tools[@]}"; do
         one_run "$t" "$op" "$n" w "$base"
+        eval "warm_rc_$t=\$last_rc"
         if is_write "$op" && [ -f "$tmp/run-$t.qcow2" ]; then mv "$tmp/run-$t.qcow2" "$tmp/warm-$t.qcow2"; fi
     done
-    if [ "$op" = merge ] && [ -f "$tmp/warm-ours.qcow2" ]; then
+    if [ "$op" = merge ] && [ "$warm_rc_ours" = 0 ] && [ "$warm_rc_qemu" = 0 ]; then
         # Cheap correctness gate: our merged image passes qemu-img check, and b0 equals QEMU's.
         qemu-img check "$tmp/warm-ours.qcow2" >"$tmp/check.out" 2>&1 \
             || { cat "$tmp/check.out" >&2; die "qemu-img check failed (exit $?) after: $(ours_cmd merge IMG)"; }
@@ -215,7 +219,7 @@ measure_op() { # measure_op OP N BASE
         [ "$h1" = "$h2" ] || die "merged b0 differs: ours $h1, qemu $h2"
         log "merge validated: qemu-img check exit 0, b0 hash equals QEMU's ($h1)"
     fi
-    if [ "$op" = disable ] && [ -f "$tmp/warm-qemu.qcow2" ]; then
+    if [ "$op" = disable ] && [ "$warm_rc_qemu" = 0 ]; then
         # QEMU's own disable result is the (QEMU-written) starting state for "enable".
         mv "$tmp/warm-qemu.qcow2" "$tmp/base-disabled.qcow2"
     fi
@@ -226,8 +230,8 @@ measure_op() { # measure_op OP N BASE
         local a=$last_ms
         if [ "$second" != "$first" ]; then one_run "$second" "$op" "$n" "$i" "$base"; else last_ms=0; fi
         spent=$(python3 -c "print($spent + $a + $last_ms)")
-        log "$op, $n bitmaps, run $i: $first ${a}s, $second ${last_ms}s"
-        if [ "$cap" != 0 ] && python3 -c "import sys; sys.exit(0 if $spent >= $cap else 1)"; then
+        log "$op, $n bitmaps, run $i: $first ${a} ms, $second ${last_ms} ms"
+        if [ "$cap" != 0 ] && python3 -c "import sys; sys.exit(0 if $spent >= $cap * 1000 else 1)"; then
             [ "$i" -lt "$runs" ] && log "$op, $n bitmaps: cap of ${cap}s reached after $i runs"
             break
         fi
