@@ -291,6 +291,25 @@ fn a_crash_at_any_write_or_sync_leaves_old_or_new_bitmaps() {
             }),
         ),
         (
+            "8 adds + merges (new refcount blocks)",
+            "rc64.qcow2",
+            Box::new(|tx| {
+                let (bits, gb) = tx.load("b0")?;
+                let size = tx.virtual_size();
+                for i in 0..8 {
+                    let name = format!("n{i}");
+                    tx.add(&name, Some(512), true)?;
+                    let src = MergeSource {
+                        bits: &bits,
+                        granularity_bits: gb,
+                        virtual_size: size,
+                    };
+                    tx.merge(&name, &src)?;
+                }
+                Ok(())
+            }),
+        ),
+        (
             "add + disable",
             "demo.qcow2",
             Box::new(|tx| {
@@ -320,12 +339,19 @@ fn a_crash_at_any_write_or_sync_leaves_old_or_new_bitmaps() {
 fn a_crash_during_repair_leaves_an_openable_image() {
     use qcow2_bitmap::read::BitmapState;
     use qcow2_bitmap::write::repair::{InUsePolicy, repair};
-    if !qemu_available("a_crash_during_repair_leaves_an_openable_image", &["qemu-img"]) {
+    if !qemu_available(
+        "a_crash_during_repair_leaves_an_openable_image",
+        &["qemu-img"],
+    ) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let mut tried = 0;
-    for (fx, healthy) in [("inuse.qcow2", Some("d")), ("stale.qcow2", None), ("tail-bits.qcow2", Some("tail-none"))] {
+    for (fx, healthy) in [
+        ("inuse.qcow2", Some("d")),
+        ("stale.qcow2", None),
+        ("tail-bits.qcow2", Some("tail-none")),
+    ] {
         let before = std::fs::read(fixture(fx)).unwrap();
         let clean = CrashStore::new(before.clone(), None);
         repair(clean.clone(), InUsePolicy::Dirty).unwrap();
@@ -336,18 +362,28 @@ fn a_crash_during_repair_leaves_an_openable_image() {
         });
         for k in 1..=total {
             let store = CrashStore::new(before.clone(), Some(k));
-            assert!(repair(store.clone(), InUsePolicy::Dirty).is_err(), "{fx}: crash at {k} not reported");
+            assert!(
+                repair(store.clone(), InUsePolicy::Dirty).is_err(),
+                "{fx}: crash at {k} not reported"
+            );
             for (kind, image) in [("durable", store.durable()), ("live", store.live())] {
                 let what = format!("repair of {fx}: crash at operation {k}/{total} ({kind})");
                 let img = Image::open(image.clone()).unwrap_or_else(|e| panic!("{what}: {e}"));
                 for b in img.bitmaps() {
                     let st = img.status(b);
                     let full = st.dirty_bytes == Some(img.virtual_size());
-                    let ok = st.state != BitmapState::Invalid && (st.state != BitmapState::Ok || full || Some(b.name().as_str()) == healthy || fx == "tail-bits.qcow2");
+                    let ok = st.state != BitmapState::Invalid
+                        && (st.state != BitmapState::Ok
+                            || full
+                            || Some(b.name().as_str()) == healthy
+                            || fx == "tail-bits.qcow2");
                     assert!(ok, "{what}: bitmap {} is {:?}", b.name(), st);
                 }
                 if let (Some(h), Some(bits)) = (healthy, &healthy_bits) {
-                    assert!(img.load(img.find(h).unwrap(), false).unwrap() == *bits, "{what}: healthy bitmap {h} changed");
+                    assert!(
+                        img.load(img.find(h).unwrap(), false).unwrap() == *bits,
+                        "{what}: healthy bitmap {h} changed"
+                    );
                 }
                 let path = dir.path().join("crashed.qcow2");
                 std::fs::write(&path, &image).unwrap();
