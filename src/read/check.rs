@@ -87,7 +87,10 @@ impl<S: ReadAt> Image<S> {
         let refcounts = refcheck::refcount_check(self)?;
         let mut findings = self.lint_bitmaps();
         findings.extend(shared_bitmap_clusters(&refcounts));
-        for d in &refcounts.diagnostics {
+        // The walk's complaints about a bitmap the rules above already flagged are not repeated.
+        let flagged: Vec<String> = findings.iter().filter_map(|f| f.bitmap.clone()).collect();
+        let repeated = |m: &str| flagged.iter().any(|b| m.starts_with(&format!("bitmap '{b}'")));
+        for d in refcounts.diagnostics.iter().filter(|d| !repeated(&d.message)) {
             findings.push(Finding {
                 severity: Severity::Corruption,
                 bitmap: None,
