@@ -14,6 +14,8 @@ pub struct CheckReport {
     pub refcounts: RefcountReport,
     /// One entry per problem: bitmap rules, shared clusters, refcount mismatches.
     pub findings: Vec<Finding>,
+    /// Whether a bitmap rule (not the refcount walk) found a corruption.
+    pub bitmap_corruption: bool,
 }
 
 /// Exit status of `check` (contract: 0 clean, 1 incomplete, 2 corruption,
@@ -58,11 +60,7 @@ impl CheckReport {
     pub fn verdict(&self) -> Verdict {
         // Malformed bitmap metadata is a verdict even when the refcount walk
         // had to stop (QEMU itself cannot open such images).
-        let bitmap_corruption = self
-            .findings
-            .iter()
-            .any(|f| f.severity == Severity::Corruption && f.bitmap.is_some());
-        if bitmap_corruption {
+        if self.bitmap_corruption {
             Verdict::Corrupt
         } else if self.refcounts.check_errors > 0 || self.refcounts.aborted.is_some() {
             Verdict::Incomplete
@@ -87,10 +85,19 @@ impl<S: ReadAt> Image<S> {
         let refcounts = refcheck::refcount_check(self)?;
         let mut findings = self.lint_bitmaps();
         findings.extend(shared_bitmap_clusters(&refcounts));
+        let bitmap_corruption = findings.iter().any(|f| f.severity == Severity::Corruption);
         // The walk's complaints about a bitmap the rules above already flagged are not repeated.
         let flagged: Vec<String> = findings.iter().filter_map(|f| f.bitmap.clone()).collect();
-        let repeated = |m: &str| flagged.iter().any(|b| m.starts_with(&format!("bitmap '{b}'")));
-        for d in refcounts.diagnostics.iter().filter(|d| !repeated(&d.message)) {
+        let repeated = |m: &str| {
+            flagged
+                .iter()
+                .any(|b| m.starts_with(&format!("bitmap '{b}'")))
+        };
+        for d in refcounts
+            .diagnostics
+            .iter()
+            .filter(|d| !repeated(&d.message))
+        {
             findings.push(Finding {
                 severity: Severity::Corruption,
                 bitmap: None,
@@ -129,6 +136,7 @@ impl<S: ReadAt> Image<S> {
         Ok(CheckReport {
             refcounts,
             findings,
+            bitmap_corruption,
         })
     }
 }

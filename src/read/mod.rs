@@ -171,20 +171,33 @@ impl<S: ReadAt> Image<S> {
         };
         if let Err(e) = decoded.validate(self.geometry(), data_offset) {
             view.problem = Some(e);
-            return view;
+            // A wrong count or reserved field does not stop the walk: the
+            // entries are still listed so that nothing readable is lost.
+            if !self.directory_walkable(&decoded) {
+                return view;
+            }
         }
         match self.read_directory(&decoded) {
             Ok(dir) => {
-                view.problem = dir.problem;
+                view.problem = view.problem.take().or(dir.problem);
                 view.entries = bitmaps::classify(dir.entries, self);
             }
-            Err(e) => view.problem = Some(e),
+            Err(e) => view.problem = view.problem.take().or(Some(e)),
         }
         if view.problem.is_none() && found.len() > 1 {
             let msg = format!("appears {} times; only the first is used", found.len());
             view.problem = Some(Error::corrupt("bitmaps extension", found[1].offset, msg));
         }
         view
+    }
+
+    /// Whether the directory location itself is sound (offset and size).
+    fn directory_walkable(&self, ext: &BitmapsExt) -> bool {
+        let off = ext.directory_offset;
+        off != 0
+            && self.geometry().is_aligned(off)
+            && ext.directory_size > 0
+            && ext.directory_size <= crate::format::limits::MAX_DIRECTORY_SIZE
     }
 
     fn read_directory(&self, ext: &BitmapsExt) -> Result<Directory> {

@@ -42,6 +42,7 @@ enum Fix {
     AllOnes,
     StripExtraData,
     RewriteTail,
+    Unshare,
 }
 
 /// The content fix and, when its name must change, the new name.
@@ -114,9 +115,21 @@ pub fn plan<S: ReadAt>(image: &Image<S>, policy: InUsePolicy) -> Plan {
         p.rewrite = true;
     }
     let stale = !image.bitmaps_consistent();
+    let shared = shared_owners(image);
     let mut names: Vec<Vec<u8>> = Vec::new();
     for b in image.bitmaps() {
-        let fix = plan_entry(image, b, stale, policy, &mut p.actions);
+        let mut fix = plan_entry(image, b, stale, policy, &mut p.actions);
+        if fix == Fix::Keep {
+            fix = plan_unshare(b, &shared, &mut p.actions);
+        }
+        if fix == Fix::Keep && !b.problems.is_empty() {
+            act(
+                &mut p.actions,
+                Some(b.name()),
+                "rewrite the directory entry (padding, name)".into(),
+            );
+            p.rewrite = true;
+        }
         let rename = if fix == Fix::Drop {
             None
         } else {
@@ -204,6 +217,66 @@ fn has_tail_bits<S: ReadAt>(image: &Image<S>, b: &crate::read::BitmapEntry) -> b
         .any(|f| f.message.contains("past the virtual size"))
 }
 
+/// For each bitmap index, what else owns one of its clusters: `Some(true)`
+/// when only earlier bitmaps do (it gets its own copies), `Some(false)` when
+/// guest data or metadata does (its content cannot be trusted).
+fn shared_owners<S: ReadAt>(image: &Image<S>) -> Vec<Option<bool>> {
+    use crate::read::refcheck::{Owner, refcount_check};
+    let mut out = vec![None; image.bitmaps().len()];
+    let Ok(report) = refcount_check(image) else {
+        return out;
+    };
+    for c in report.map.shared() {
+        let owners = report.map.owners(c);
+        let bitmaps: Vec<usize> = owners
+            .iter()
+            .filter_map(|o| match o {
+                Owner::BitmapTable { bitmap } | Owner::BitmapData { bitmap } => {
+                    Some(*bitmap as usize)
+                }
+                _ => None,
+            })
+            .collect();
+        let foreign = owners
+            .iter()
+            .any(|o| !matches!(o, Owner::BitmapTable { .. } | Owner::BitmapData { .. }));
+        let first = bitmaps.iter().min().copied();
+        for &i in &bitmaps {
+            if let Some(slot) = out.get_mut(i) {
+                if foreign {
+                    *slot = Some(false);
+                } else if Some(i) != first && *slot != Some(false) {
+                    *slot = Some(true);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn plan_unshare(
+    b: &crate::read::BitmapEntry,
+    shared: &[Option<bool>],
+    actions: &mut Vec<Action>,
+) -> Fix {
+    match shared.get(b.index).copied().flatten() {
+        Some(true) => {
+            act(
+                actions,
+                Some(b.name()),
+                "shares clusters with another bitmap: give it its own copies".into(),
+            );
+            Fix::Unshare
+        }
+        Some(false) => {
+            let msg = "shares clusters with guest data or metadata: its content cannot be trusted, mark every bit dirty";
+            act(actions, Some(b.name()), msg.into());
+            Fix::AllOnes
+        }
+        None => Fix::Keep,
+    }
+}
+
 /// Names must be unique, non-empty and NUL-free: a new name when this one is not.
 fn plan_name(
     b: &crate::read::BitmapEntry,
@@ -264,6 +337,7 @@ impl<S: WriteAt> Transaction<S> {
                 e.flags &= !FLAG_EXTRA_DATA_COMPATIBLE;
             }
             Fix::RewriteTail => self.rewrite_tail(i)?,
+            Fix::Unshare => self.unshare(i)?,
         }
         if f.fix == Fix::Drop {
             return Ok(());
@@ -296,6 +370,22 @@ impl<S: WriteAt> Transaction<S> {
             writes: Vec::new(),
         });
         Ok(())
+    }
+
+    /// Gives bitmap `i` a new table and new copies of all its data clusters.
+    fn unshare(&mut self, i: usize) -> Result<()> {
+        use crate::format::bitmap_table::TableEntry;
+        let bits = self.load_staged(i)?;
+        let g = self.geometry();
+        let raw = {
+            let image = Image::open(&self.storage)?;
+            image.raw_table(&self.staged[i].as_entry(i))?
+        };
+        let changed: Vec<bool> = raw
+            .iter()
+            .map(|&r| matches!(TableEntry::decode(r, g), TableEntry::Data(_)))
+            .collect();
+        self.replace_changed_clusters(i, &changed, bits)
     }
 
     /// Rewrites the last data cluster without the bits past the virtual size.
