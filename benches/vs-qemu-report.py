@@ -106,7 +106,8 @@ def report(results, header, out=None):
         for n in counts:
             om, orss, ost = med((op, n, "ours"))
             qm, qrss, qst = med((op, n, "qemu"))
-            if om is None and qm is None and ost == "n/a" and qst == "n/a":
+            if (om is None and qm is None and (op, n, "ours") not in status
+                    and (op, n, "qemu") not in status):
                 continue
             ours = fmt_ms(om) if om is not None else str(ost)
             qemu = fmt_ms(qm) if qm is not None else str(qst)

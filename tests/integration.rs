@@ -26,3 +26,12 @@ mod write;
 
 #[path = "it/write_qemu.rs"]
 mod write_qemu;
+
+#[path = "it/random_ops.rs"]
+mod random_ops;
+
+#[path = "it/write_locks.rs"]
+mod write_locks;
+
+#[path = "it/repair.rs"]
+mod repair;

@@ -74,7 +74,7 @@ fn check_doc(path: &Path, r: &CheckReport) -> CheckDoc {
         format: "qcow2",
         check_errors: r.refcounts.check_errors,
         corruptions: r.count(Severity::Corruption),
-        leaks: r.refcounts.leaks,
+        leaks: r.count(Severity::Leak) as u64,
         unusable_bitmaps: r.count(Severity::Unusable),
         image_end_offset: r.refcounts.image_end_offset,
         problems: r.findings.iter().map(ProblemDoc::from).collect(),
@@ -98,7 +98,7 @@ fn write_check(out: &mut impl Write, r: &CheckReport) -> io::Result<()> {
     let (c, u, l) = (
         r.count(Severity::Corruption),
         r.count(Severity::Unusable),
-        r.refcounts.leaks,
+        r.count(Severity::Leak),
     );
     if r.findings.is_empty() {
         writeln!(out, "No errors were found on the image.")?;

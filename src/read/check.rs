@@ -86,38 +86,38 @@ impl<S: ReadAt> Image<S> {
         let mut findings = self.lint_bitmaps();
         findings.extend(shared_bitmap_clusters(&refcounts));
         let bitmap_corruption = findings.iter().any(|f| f.severity == Severity::Corruption);
-        // The walk's complaints about a bitmap the rules above already flagged are not repeated.
+        // The walk's complaints that the bitmap rules above already made
+        // (about a flagged bitmap, or the same text) are not repeated.
+        let known: Vec<String> = findings.iter().map(|f| f.message.clone()).collect();
         let flagged: Vec<String> = findings.iter().filter_map(|f| f.bitmap.clone()).collect();
         let repeated = |m: &str| {
-            flagged
+            known
                 .iter()
-                .any(|b| m.starts_with(&format!("bitmap '{b}'")))
+                .any(|k| k.contains(m) || m.contains(k.as_str()))
+                || flagged
+                    .iter()
+                    .any(|b| m.starts_with(&format!("bitmap '{b}'")))
         };
-        for d in refcounts
-            .diagnostics
+        let mut walk_messages: Vec<&String> =
+            refcounts.diagnostics.iter().map(|d| &d.message).collect();
+        walk_messages.extend(refcounts.aborted.iter());
+        walk_messages.dedup();
+        for m in walk_messages.into_iter().filter(|m| !repeated(m)) {
+            findings.push(Finding {
+                severity: Severity::Corruption,
+                bitmap: None,
+                offset: None,
+                message: m.clone(),
+            });
+        }
+        // When the walk stopped early (as qemu-img check does), clusters it did
+        // not reach look leaked: those leaks are not reported.
+        let walk_complete = refcounts.aborted.is_none();
+        for f in refcounts
+            .findings
             .iter()
-            .filter(|d| !repeated(&d.message))
+            .filter(|f| walk_complete || f.kind != FindingKind::Leak)
         {
-            findings.push(Finding {
-                severity: Severity::Corruption,
-                bitmap: None,
-                offset: None,
-                message: d.message.clone(),
-            });
-        }
-        if let Some(why) = refcounts
-            .aborted
-            .as_ref()
-            .filter(|w| !refcounts.diagnostics.iter().any(|d| &&d.message == w))
-        {
-            findings.push(Finding {
-                severity: Severity::Corruption,
-                bitmap: None,
-                offset: None,
-                message: format!("check stopped: {why}"),
-            });
-        }
-        for f in &refcounts.findings {
             let (severity, word) = match f.kind {
                 FindingKind::Leak => (Severity::Leak, "Leaked cluster"),
                 FindingKind::Error => (Severity::Corruption, "ERROR cluster"),
