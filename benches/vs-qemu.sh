@@ -67,6 +67,9 @@ else
     ours=$CARGO_TARGET_DIR/release/qcow2-bitmap
 fi
 [ -x "$ours" ] || die "$ours missing"
+# The commit the binary was built from (recorded now: others may commit during a long run).
+commit=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)
+git -C "$repo" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || commit="$commit (+ uncommitted changes in src/)"
 have_check=0
 "$ours" check --help >/dev/null 2>&1 && have_check=1
 
@@ -262,8 +265,6 @@ done
 wall=$(( ($(now_ns) - start) / 1000000000 ))
 
 # ---- report ------------------------------------------------------------------------------
-commit=$(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)
-git -C "$repo" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || commit="$commit (+ uncommitted changes in src/)"
 {
     echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
     echo "nproc: $(nproc); CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"

@@ -74,7 +74,7 @@ fn info(path: &Path, opts: &ReadOpts, json: bool) -> Outcome {
     let rows: Vec<BitmapRow> = image
         .bitmaps()
         .iter()
-        .map(|b| BitmapRow::new(&image, b))
+        .map(|b| BitmapRow::new(&image, b, !json))
         .collect();
     let doc = InfoDoc::new(path, &image, rows);
     let mut out = stdout();

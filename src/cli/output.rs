@@ -57,7 +57,8 @@ const DENSITY_COLUMNS: u64 = 64;
 
 impl BitmapRow {
     /// Judges one bitmap (reads its table and data when it is ok).
-    pub fn new<S: ReadAt>(image: &Image<S>, b: &BitmapEntry) -> Self {
+    /// `with_density` also computes the human dirty map (an extra pass).
+    pub fn new<S: ReadAt>(image: &Image<S>, b: &BitmapEntry, with_density: bool) -> Self {
         let status = image.status(b);
         let mut flags = Vec::new();
         if b.entry.in_use() {
@@ -66,7 +67,7 @@ impl BitmapRow {
         if b.entry.auto() {
             flags.push("auto");
         }
-        let density = (status.state == BitmapState::Ok)
+        let density = (with_density && status.state == BitmapState::Ok)
             .then(|| density(image, b))
             .flatten();
         BitmapRow {

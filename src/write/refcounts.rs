@@ -103,6 +103,33 @@ impl Refcounts {
     /// inside the file, or has an invalid entry; `Io` on read failures.
     pub fn load<S: ReadAt + ?Sized>(storage: &S, header: &Header) -> Result<Self> {
         refuse_stale(header)?;
+        Self::load_unchecked(storage, header)
+    }
+
+    /// Loads the refcounts of an image whose dirty bit is set, to rebuild them
+    /// from an owner walk. Allocation must not be used on the result until the
+    /// rebuild is done (stale zero refcounts may hide used clusters).
+    ///
+    /// # Errors
+    /// As [`Refcounts::load`], except for the dirty bit.
+    pub fn load_for_rebuild<S: ReadAt + ?Sized>(storage: &S, header: &Header) -> Result<Self> {
+        let mut h = header.clone();
+        h.incompatible_features &= !incompat::DIRTY;
+        refuse_stale(&h)?;
+        Self::load_unchecked(storage, header)
+    }
+
+    /// Whether a refcount block exists for cluster `c` (so changing its
+    /// refcount needs no allocation).
+    pub fn has_block(&self, c: HostCluster) -> bool {
+        let i = c.0 / self.per_block;
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| self.table.get(i))
+            .is_some_and(|&b| b != 0)
+    }
+
+    fn load_unchecked<S: ReadAt + ?Sized>(storage: &S, header: &Header) -> Result<Self> {
         let geometry = header.geometry();
         let order = header.refcount_order;
         if order > refcount::MAX_ORDER {

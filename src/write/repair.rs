@@ -431,7 +431,27 @@ pub fn repair_dry_run<S: ReadAt>(image: &Image<S>, policy: InUsePolicy) -> Resul
         );
         act(&mut report.actions, None, msg);
     }
-    let outside = refcount_errors_outside_bitmaps(&before);
+    let dirty = image.header().incompatible_features & crate::format::incompat::DIRTY != 0;
+    let walk_ok = before.refcounts.check_errors == 0 && before.refcounts.aborted.is_none();
+    // With the dirty bit set, refcount errors are what the lazy-refcount rebuild fixes.
+    let outside = if dirty && walk_ok {
+        0
+    } else {
+        refcount_errors_outside_bitmaps(&before)
+    };
+    if dirty && walk_ok {
+        let msg = format!(
+            "rebuild the lazy refcounts from the owner walk ({} clusters) and clear the dirty bit",
+            before.refcounts.findings.len()
+        );
+        report.actions.insert(
+            0,
+            Action {
+                bitmap: None,
+                message: msg,
+            },
+        );
+    }
     if outside > 0 {
         act(
             &mut report.actions,
@@ -441,9 +461,6 @@ pub fn repair_dry_run<S: ReadAt>(image: &Image<S>, policy: InUsePolicy) -> Resul
             ),
         );
     }
-    // Only refcount errors outside the bitmaps are beyond repair; a walk that
-    // stopped on malformed bitmap metadata completes once the plan drops it.
-    let walk_ok = before.refcounts.check_errors == 0 && before.refcounts.aborted.is_none();
     report.clean = outside == 0 && (walk_ok || !plan_is_empty);
     Ok(report)
 }
@@ -451,16 +468,19 @@ pub fn repair_dry_run<S: ReadAt>(image: &Image<S>, policy: InUsePolicy) -> Resul
 /// Repairs the bitmaps of the image in `storage` and frees leaked clusters.
 ///
 /// # Errors
-/// Images this crate must not write (corrupt bit, dirty bit), I/O errors.
-pub fn repair<S: WriteAt>(storage: S, policy: InUsePolicy) -> Result<(S, RepairReport)> {
+/// The corrupt bit; a dirty bit whose refcounts cannot be rebuilt safely; I/O errors.
+pub fn repair<S: WriteAt>(mut storage: S, policy: InUsePolicy) -> Result<(S, RepairReport)> {
+    let mut rebuilt = Vec::new();
+    rebuild_lazy_refcounts(&mut storage, &mut rebuilt)?;
     let (plan, before) = {
         let image = Image::open(&storage)?;
         (plan(&image, policy), image.check()?)
     };
     let mut report = RepairReport {
-        actions: plan.actions.clone(),
+        actions: rebuilt,
         ..RepairReport::default()
     };
+    report.actions.extend(plan.actions.iter().cloned());
     let outside = refcount_errors_outside_bitmaps(&before);
     let mut storage = if plan.is_empty() {
         storage
@@ -479,6 +499,78 @@ pub fn repair<S: WriteAt>(storage: S, policy: InUsePolicy) -> Result<(S, RepairR
         act(&mut report.actions, None, msg);
     }
     Ok((storage, report))
+}
+
+/// Lazy refcounts left stale by a crash (dirty bit set): sets every refcount
+/// to what the owner walk counts, then clears the dirty bit. Raises first,
+/// lowers second, clears the bit last, with a sync after each step, so a
+/// crash leaves the dirty bit set and QEMU (or a new repair) redoes it.
+/// Refused when the walk is incomplete or a refcount block is missing (that
+/// needs the whole refcount structure rebuilt: `qemu-img check -r all`).
+fn rebuild_lazy_refcounts<S: WriteAt>(storage: &mut S, actions: &mut Vec<Action>) -> Result<()> {
+    use crate::error::{Error, ErrorKind};
+    use crate::format::incompat;
+    use crate::read::refcheck::{FindingKind, refcount_check};
+    use crate::types::HostCluster;
+    let (header, report) = {
+        let image = Image::open(&*storage)?;
+        if image.header().incompatible_features & incompat::DIRTY == 0 {
+            return Ok(());
+        }
+        (image.header().clone(), refcount_check(&image)?)
+    };
+    let refuse = |why: String| {
+        let msg = format!("the dirty bit is set and {why}; run `qemu-img check -r all` first");
+        Err(Error::new(ErrorKind::Unsupported, "image", Some(72), msg))
+    };
+    if report.check_errors > 0 || report.aborted.is_some() {
+        return refuse("the owner walk is incomplete".into());
+    }
+    let mut rc = super::refcounts::Refcounts::load_for_rebuild(&*storage, &header)?;
+    if let Some(f) = report
+        .findings
+        .iter()
+        .find(|f| !rc.has_block(HostCluster(f.cluster)))
+    {
+        return refuse(format!("cluster {} has no refcount block", f.cluster));
+    }
+    for f in report
+        .findings
+        .iter()
+        .filter(|f| f.kind == FindingKind::Error)
+    {
+        for _ in f.refcount..f.references {
+            rc.increment(&*storage, HostCluster(f.cluster))?;
+        }
+    }
+    rc.flush_increments(storage)?;
+    for f in report
+        .findings
+        .iter()
+        .filter(|f| f.kind == FindingKind::Leak)
+    {
+        for _ in f.references..f.refcount {
+            rc.queue_free(&*storage, HostCluster(f.cluster))?;
+        }
+    }
+    rc.apply_decrements(storage)?;
+    let flags = header.incompatible_features & !incompat::DIRTY;
+    let at = "qcow2 header incompatible_features";
+    storage
+        .write_at(72, &flags.to_be_bytes())
+        .map_err(|e| Error::io(at, Some(72), e))?;
+    storage
+        .sync()
+        .map_err(|e| Error::io("image file", None, e))?;
+    let n = report.findings.len();
+    let msg = format!(
+        "rebuilt the lazy refcounts from the owner walk ({n} clusters corrected) and cleared the dirty bit"
+    );
+    actions.push(Action {
+        bitmap: None,
+        message: msg,
+    });
+    Ok(())
 }
 
 fn refcount_errors_outside_bitmaps(r: &crate::read::CheckReport) -> u64 {
