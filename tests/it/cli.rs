@@ -333,6 +333,9 @@ fn read_commands_never_write_a_byte() {
         let p = img.to_str().unwrap();
         run(&["info", p]);
         run(&["info", "--json", "-U", p]);
+        run(&["check", p]);
+        run(&["check", "--json", p]);
+        run(&["repair", "--dry-run", p]);
         run(&["dump", "--json", p]);
         for b in ["ckpt-1", "a", "b0", "mid"] {
             run(&["extents", "--all", "--force", p, b]);

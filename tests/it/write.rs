@@ -315,3 +315,42 @@ fn several_operations_in_one_transaction_commit_together() {
     assert!(!new["g512"].0);
     assert!(new["g512"].2 == old["g512"].2);
 }
+
+#[test]
+fn merge_from_another_image_via_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let (target, source) = (dir.path().join("t.qcow2"), dir.path().join("s.qcow2"));
+    std::fs::copy(fixture("cs512.qcow2"), &target).unwrap();
+    std::fs::copy(fixture("cs512.qcow2"), &source).unwrap();
+    let (t, s) = (target.to_str().unwrap(), source.to_str().unwrap());
+    let ok = |args: &[&str]| {
+        let o = run(args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    };
+    ok(&["add", "-g", "64K", t, "from-other"]);
+    ok(&["merge", "--source-image", s, t, "from-other", "g512", "g4k"]);
+    let src = snapshot(&std::fs::read(&source).unwrap());
+    let mut want = Bitmap::zeros(src["g512"].2.len().div_ceil(128));
+    for (gran_bits, name) in [(9, "g512"), (12, "g4k")] {
+        let r = qcow2_bitmap::bits::resample::resample(&src[name].2, gran_bits, 16, want.len());
+        want.or_assign(&r).unwrap();
+    }
+    let got = snapshot(&std::fs::read(&target).unwrap());
+    assert!(got["from-other"].2 == want, "merged bits differ");
+    assert!(want.count_ones() > 0);
+    // Different virtual sizes are refused, the image untouched.
+    let other = dir.path().join("o.qcow2");
+    std::fs::copy(fixture("several.qcow2"), &other).unwrap();
+    let before = std::fs::read(&target).unwrap();
+    let o = run(&[
+        "merge",
+        "--source-image",
+        other.to_str().unwrap(),
+        t,
+        "from-other",
+        "a",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("different sizes"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&target).unwrap(), before);
+}
