@@ -20,7 +20,7 @@ use std::process::Command;
 
 const FIXTURES: [&str; 3] = ["cs512.qcow2", "several.qcow2", "rc1.qcow2"];
 const DEFAULT_SEED: u64 = 0x5eed_b17a_0c0f_fee5;
-const DEFAULT_STEPS: usize = 400;
+const DEFAULT_STEPS: usize = 500;
 /// QEMU judges the image every this many steps (and after the last).
 const QEMU_EVERY: usize = 25;
 /// Above this many bitmaps, additions give way to removals.
@@ -343,7 +343,15 @@ fn valid_op(rng: &mut Rng, model: &Model, d: Dims, counter: &mut u32) -> Op {
             },
             enabled: rng.pct(60),
         },
-        25..35 => {
+        25..27 => {
+            // Everything, in random order: the extension goes away.
+            let mut names: Vec<String> = model.iter().map(|b| b.name.clone()).collect();
+            for i in (1..names.len()).rev() {
+                names.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+            Op::Remove(names)
+        }
+        27..35 => {
             let a = existing(rng, model);
             let mut names = vec![a.clone()];
             if model.len() > 1 && rng.pct(40) {
@@ -793,7 +801,7 @@ fn seeded_random_operations_match_a_model() {
             log: Vec::new(),
         };
         let mut counter = 0u32;
-        let (mut ops, mut refusals, mut qemu_checks) = (0usize, 0usize, 0usize);
+        let (mut ops, mut refusals, mut qemu_checks, mut emptied) = (0usize, 0, 0, 0);
         for step in 0..steps {
             if rng.pct(12) {
                 run.refused_step(&mut rng, &mut counter, step);
@@ -808,13 +816,14 @@ fn seeded_random_operations_match_a_model() {
                 ops += count;
             }
             run.assert_read_path(&format!("after step {step}"));
+            emptied += usize::from(run.model.is_empty());
             if with_qemu && (step % QEMU_EVERY == QEMU_EVERY - 1 || step + 1 == steps) {
                 run.assert_qemu(dir.path(), &format!("after step {step}"));
                 qemu_checks += 1;
             }
         }
         eprintln!(
-            "  {fx} (seed {fseed:#x}): {ops} operations, {refusals} refusals, {qemu_checks} QEMU checks, \
+            "  {fx} (seed {fseed:#x}): {ops} operations, {refusals} refusals, {emptied} times no bitmap, {qemu_checks} QEMU checks, \
              {} bitmaps at the end, image {} -> {} bytes, {:.1?}",
             run.model.len(),
             std::fs::metadata(fixture(fx)).unwrap().len(),
