@@ -212,14 +212,15 @@ pub struct Qmp {
     child: std::process::Child,
     reader: std::io::BufReader<std::os::unix::net::UnixStream>,
     writer: std::os::unix::net::UnixStream,
+    next_id: u64,
     _dir: tempfile::TempDir,
 }
 
 impl Qmp {
     pub fn start(image: &Path) -> Qmp {
-        use std::io::BufRead;
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("qmp.sock");
+        let pidfile = dir.path().join("qsd.pid");
         let child = Command::new("qemu-storage-daemon")
             .arg("--blockdev")
             .arg(format!(
@@ -235,13 +236,20 @@ impl Qmp {
                 "socket,id=m0,path={},server=on,wait=off",
                 sock.display()
             ))
-            .args(["--monitor", "chardev=m0"])
+            .args(["--monitor", "chardev=m0", "--pidfile"])
+            .arg(&pidfile)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("start qemu-storage-daemon");
+        // Connecting while the daemon is still starting can duplicate the
+        // greeting or drop the first command: wait until it wrote its pid file.
         let mut stream = None;
-        for _ in 0..200 {
+        for _ in 0..500 {
+            if !pidfile.exists() {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                continue;
+            }
             if let Ok(s) = std::os::unix::net::UnixStream::connect(&sock) {
                 stream = Some(s);
                 break;
@@ -257,22 +265,26 @@ impl Qmp {
             child,
             reader: std::io::BufReader::new(stream),
             writer,
+            next_id: 0,
             _dir: dir,
         };
-        let mut greeting = String::new();
-        q.reader.read_line(&mut greeting).unwrap();
         q.execute(serde_json::json!({"execute": "qmp_capabilities"}));
         q
     }
 
-    pub fn execute(&mut self, cmd: serde_json::Value) -> serde_json::Value {
+    /// Sends `cmd` with a fresh id and returns the reply carrying that id
+    /// (events, greetings and stale replies are skipped).
+    pub fn execute(&mut self, mut cmd: serde_json::Value) -> serde_json::Value {
         use std::io::{BufRead, Write};
+        self.next_id += 1;
+        let id = self.next_id;
+        cmd["id"] = serde_json::json!(id);
         writeln!(self.writer, "{cmd}").unwrap();
         loop {
             let mut line = String::new();
             assert!(self.reader.read_line(&mut line).unwrap() > 0, "QMP closed");
             let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-            if v.get("event").is_none() {
+            if v["id"] == serde_json::json!(id) {
                 return v;
             }
         }
