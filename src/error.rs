@@ -108,8 +108,12 @@ impl Error {
     }
 
     /// Prefixes the object with more context (e.g. the image path).
+    /// (Nothing is added when the object already starts with it.)
     pub fn context(mut self, outer: impl fmt::Display) -> Self {
-        self.object = format!("{outer}: {}", self.object);
+        let outer = outer.to_string();
+        if !self.object.starts_with(&outer) {
+            self.object = format!("{outer}: {}", self.object);
+        }
         self
     }
 }
@@ -149,5 +153,9 @@ mod tests {
     fn display_without_offset_and_context() {
         let e = Error::invalid_input("bitmap name", "empty").context("disk.qcow2");
         assert_eq!(e.to_string(), "disk.qcow2: bitmap name: empty");
+        assert_eq!(
+            e.context("disk.qcow2").to_string(),
+            "disk.qcow2: bitmap name: empty"
+        );
     }
 }
