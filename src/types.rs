@@ -42,6 +42,13 @@ impl Geometry {
             .then_some(Geometry { cluster_bits })
     }
 
+    /// Geometry for `cluster_bits` clamped into 9..=21 (for values already validated).
+    pub fn clamped(cluster_bits: u32) -> Self {
+        Geometry {
+            cluster_bits: cluster_bits.clamp(Self::MIN_CLUSTER_BITS, Self::MAX_CLUSTER_BITS),
+        }
+    }
+
     /// log2 of the cluster size.
     pub fn cluster_bits(self) -> u32 {
         self.cluster_bits

@@ -208,8 +208,8 @@ impl Header {
 
     /// The validated cluster geometry.
     pub fn geometry(&self) -> Geometry {
-        // decode() validated cluster_bits; the fallback keeps this total.
-        Geometry::new(self.cluster_bits).unwrap_or(Geometry::new(16).expect("16 is valid"))
+        // decode() validated cluster_bits; clamping keeps this total.
+        Geometry::clamped(self.cluster_bits)
     }
 
     /// Compression type: 0 zlib, 1 zstd (0 when the field is absent).

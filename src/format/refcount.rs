@@ -33,21 +33,17 @@ pub const REFTABLE_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 pub const REFTABLE_ENTRY_SIZE: u64 = 8;
 
 /// The largest refcount `order` can express: `2^(1 << order) - 1`.
-///
-/// # Panics
-/// When `order > 6` (headers with such orders are rejected at decode).
 pub fn max_refcount(order: u32) -> u64 {
-    assert!(order <= MAX_ORDER, "refcount_order {order} exceeds 6");
-    u64::MAX >> (64 - (1u32 << order))
+    // Orders above 6 count as 6 (every caller validates refcount_order).
+    u64::MAX >> (64 - (1u32 << order.min(MAX_ORDER)))
 }
 
 /// Entries in one refcount block: `cluster_size * 8 / refcount_bits`.
 ///
-/// # Panics
-/// When `order > 6` or `cluster_bits > 40` (both validated by the header).
+/// `order` is clamped to 6 and `cluster_bits` to 40 (both validated by the
+/// header long before: QEMU allows 9..=21 cluster bits).
 pub fn entries_per_block(cluster_bits: u32, order: u32) -> u64 {
-    assert!(order <= MAX_ORDER && cluster_bits <= 40);
-    1u64 << (cluster_bits + 3 - order)
+    1u64 << (cluster_bits.min(40) + 3 - order.min(MAX_ORDER))
 }
 
 fn array<const N: usize>(block: &[u8], at: usize) -> [u8; N] {
@@ -58,9 +54,11 @@ fn array<const N: usize>(block: &[u8], at: usize) -> [u8; N] {
 
 /// Refcount number `index` of `block` for refcount order `order`.
 ///
+/// Orders above 6 are read as 6 (every caller validates `refcount_order`).
+///
 /// # Panics
-/// When `index` is outside the block or `order > 6`: both are caller bugs,
-/// never file contents (the block length is one cluster).
+/// When `index` is outside the block: a caller bug, never file contents
+/// (indexes come from `cluster % entries_per_block` and blocks are one cluster).
 pub fn get(block: &[u8], index: usize, order: u32) -> u64 {
     match order {
         0..=2 => {
@@ -72,8 +70,7 @@ pub fn get(block: &[u8], index: usize, order: u32) -> u64 {
         3 => u64::from(block[index]),
         4 => u64::from(u16::from_be_bytes(array(block, index * 2))),
         5 => u64::from(u32::from_be_bytes(array(block, index * 4))),
-        6 => u64::from_be_bytes(array(block, index * 8)),
-        _ => panic!("refcount_order {order} exceeds 6"),
+        _ => u64::from_be_bytes(array(block, index * 8)),
     }
 }
 
@@ -82,8 +79,10 @@ pub fn get(block: &[u8], index: usize, order: u32) -> u64 {
 /// `value` is truncated to the width (callers check against
 /// [`max_refcount`] first and a debug build asserts it).
 ///
+/// Orders above 6 are written as 6.
+///
 /// # Panics
-/// When `index` is outside the block or `order > 6`.
+/// When `index` is outside the block (a caller bug, as for [`get`]).
 pub fn set(block: &mut [u8], index: usize, order: u32, value: u64) {
     debug_assert!(value <= max_refcount(order), "refcount {value} too wide");
     let value = value & max_refcount(order);
@@ -99,8 +98,7 @@ pub fn set(block: &mut [u8], index: usize, order: u32, value: u64) {
         3 => block[index] = value as u8,
         4 => block[index * 2..index * 2 + 2].copy_from_slice(&(value as u16).to_be_bytes()),
         5 => block[index * 4..index * 4 + 4].copy_from_slice(&(value as u32).to_be_bytes()),
-        6 => block[index * 8..index * 8 + 8].copy_from_slice(&value.to_be_bytes()),
-        _ => panic!("refcount_order {order} exceeds 6"),
+        _ => block[index * 8..index * 8 + 8].copy_from_slice(&value.to_be_bytes()),
     }
 }
 

@@ -429,7 +429,6 @@ impl<S: ReadAt> Image<S> {
                 words.len(),
                 usize::try_from(end.div_ceil(64)).unwrap_or(usize::MAX),
             );
-            debug_assert_eq!(lo as u64, first / 64);
             match t.entries[k] {
                 TableEntry::Ones => words.resize(hi, u64::MAX),
                 TableEntry::Data(off) => {

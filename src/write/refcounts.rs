@@ -384,11 +384,11 @@ impl Refcounts {
 
     /// The cached block for table index `i` (whose entry is nonzero), read on first use.
     fn block<S: ReadAt + ?Sized>(&mut self, storage: &S, i: usize) -> Result<&mut Block> {
-        if !self.blocks.contains_key(&i) {
-            let block = self.read_block(storage, i)?;
-            self.blocks.insert(i, block);
-        }
-        Ok(self.blocks.get_mut(&i).expect("inserted above"))
+        let block = match self.blocks.remove(&i) {
+            Some(b) => b,
+            None => self.read_block(storage, i)?,
+        };
+        Ok(self.blocks.entry(i).insert_entry(block).into_mut())
     }
 
     fn read_block<S: ReadAt + ?Sized>(&self, storage: &S, i: usize) -> Result<Block> {
@@ -490,9 +490,8 @@ impl Refcounts {
                 self.grow_table(storage, j as u64 + 1, avoid)?;
             } else if j == i {
                 // The block describes itself.
-                self.install_block(i, p);
                 let order = self.order;
-                let block = self.blocks.get_mut(&i).expect("installed");
+                let block = self.install_block(i, p);
                 refcount::set(&mut block.data, k, order, 1);
                 self.high_water = self.high_water.max(p + 1);
                 return Ok(());
@@ -507,7 +506,7 @@ impl Refcounts {
     }
 
     /// Puts a zeroed, dirty block for table index `i` in cluster `p`.
-    fn install_block(&mut self, i: usize, p: u64) {
+    fn install_block(&mut self, i: usize, p: u64) -> &mut Block {
         let offset = self.cluster_offset(p);
         self.table[i] = offset;
         self.dirty_entries.insert(i);
@@ -517,7 +516,7 @@ impl Refcounts {
             data,
             dirty: true,
         };
-        self.blocks.insert(i, block);
+        self.blocks.entry(i).insert_entry(block).into_mut()
     }
 
     /// Replaces the table by one with at least `needed` entries, laid out
@@ -548,7 +547,8 @@ impl Refcounts {
         }
         self.location = RefTableLocation {
             offset: HostOffset(self.cluster_offset(area + blocks)),
-            clusters: u32::try_from(clusters).expect("at most 8 MiB / 512 clusters"),
+            // At most 8 MiB / 512 B = 16384 clusters (MAX_REFTABLE_BYTES).
+            clusters: u32::try_from(clusters).unwrap_or(u32::MAX),
         };
         self.dirty_entries.clear();
         if old != self.committed {
@@ -715,8 +715,7 @@ fn read_table<S: ReadAt + ?Sized>(
         .read_at(offset, len as usize, &mut scratch)
         .map_err(|e| Error::io("refcount table", Some(offset), e))?;
     let mut table = Vec::with_capacity(bytes.len() / 8);
-    for (i, raw) in bytes.chunks_exact(8).enumerate() {
-        let raw = u64::from_be_bytes(raw.try_into().expect("chunks of 8"));
+    for (i, raw) in crate::format::bitmap_table::raw_entries(bytes).enumerate() {
         let at = offset + i as u64 * REFTABLE_ENTRY_SIZE;
         let entry = refcount::decode_reftable_entry(raw, g.cluster_bits(), at)?;
         table.push(entry.map_or(0, |o| o.0));
