@@ -388,7 +388,7 @@ impl Refcounts {
             Some(b) => b,
             None => self.read_block(storage, i)?,
         };
-        Ok(self.blocks.entry(i).insert_entry(block).into_mut())
+        Ok(put(&mut self.blocks, i, block))
     }
 
     fn read_block<S: ReadAt + ?Sized>(&self, storage: &S, i: usize) -> Result<Block> {
@@ -516,7 +516,7 @@ impl Refcounts {
             data,
             dirty: true,
         };
-        self.blocks.entry(i).insert_entry(block).into_mut()
+        put(&mut self.blocks, i, block)
     }
 
     /// Replaces the table by one with at least `needed` entries, laid out
@@ -654,6 +654,17 @@ impl Refcounts {
             *self.pending_free.entry(c).or_insert(0) += 1;
         }
         Ok(new)
+    }
+}
+
+/// Stores `block` at `i` (replacing any) and returns it.
+fn put(blocks: &mut BTreeMap<usize, Block>, i: usize, block: Block) -> &mut Block {
+    match blocks.entry(i) {
+        std::collections::btree_map::Entry::Occupied(mut e) => {
+            e.insert(block);
+            e.into_mut()
+        }
+        std::collections::btree_map::Entry::Vacant(v) => v.insert(block),
     }
 }
 
