@@ -31,11 +31,7 @@ struct Rng(u64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        splitmix64(&mut self.0)
     }
 
     /// Uniform in `0..n` (`n > 0`).
@@ -447,118 +443,6 @@ fn model_sha256(b: &Bitmap) -> String {
     hex(&Sha256::digest(&bytes))
 }
 
-/// A QMP session with a read-only qemu-storage-daemon on one image (node
-/// `q0`). QEMU 10 races with a client that connects while the daemon is still
-/// starting (about 1 start in 100 here): it may send its greeting twice, or
-/// drop the first command. So this session connects only once the daemon has
-/// written its pid file (after setting everything up), and matches replies to
-/// commands by `id`.
-struct QmpById {
-    child: std::process::Child,
-    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
-    writer: std::os::unix::net::UnixStream,
-    next_id: u64,
-    _dir: tempfile::TempDir,
-}
-
-impl QmpById {
-    fn start(image: &Path) -> QmpById {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("qmp.sock");
-        let pid = dir.path().join("qsd.pid");
-        let mut child = Command::new("qemu-storage-daemon")
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=f0,filename={},read-only=on",
-                image.display()
-            ))
-            .args([
-                "--blockdev",
-                "driver=qcow2,node-name=q0,file=f0,read-only=on",
-            ])
-            .arg("--chardev")
-            .arg(format!(
-                "socket,id=m0,path={},server=on,wait=off",
-                sock.display()
-            ))
-            .args(["--monitor", "chardev=m0", "--pidfile"])
-            .arg(&pid)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start qemu-storage-daemon");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let stream = loop {
-            if pid.exists() {
-                if let Ok(s) = std::os::unix::net::UnixStream::connect(&sock) {
-                    break s;
-                }
-            }
-            if std::time::Instant::now() > deadline || child.try_wait().unwrap().is_some() {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("qemu-storage-daemon on {}: no QMP socket", image.display());
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        };
-        stream
-            .set_read_timeout(Some(std::time::Duration::from_secs(20)))
-            .unwrap();
-        let writer = stream.try_clone().unwrap();
-        let mut q = QmpById {
-            child,
-            reader: std::io::BufReader::new(stream),
-            writer,
-            next_id: 0,
-            _dir: dir,
-        };
-        let mut greeting = String::new();
-        std::io::BufRead::read_line(&mut q.reader, &mut greeting).unwrap();
-        assert!(greeting.contains("QMP"), "QMP greeting: {greeting}");
-        let r = q.execute("qmp_capabilities", serde_json::json!({}));
-        assert!(r.get("return").is_some(), "qmp_capabilities: {r}");
-        q
-    }
-
-    /// Sends one command; returns the reply carrying its id.
-    fn execute(&mut self, cmd: &str, args: serde_json::Value) -> serde_json::Value {
-        use std::io::{BufRead, Write};
-        self.next_id += 1;
-        let id = self.next_id;
-        let msg = serde_json::json!({"execute": cmd, "arguments": args, "id": id});
-        self.writer
-            .write_all(format!("{msg}\n").as_bytes())
-            .unwrap();
-        loop {
-            let mut line = String::new();
-            assert!(self.reader.read_line(&mut line).unwrap() > 0, "QMP closed");
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-            if v["id"].as_u64() == Some(id) {
-                return v;
-            }
-        }
-    }
-
-    /// QEMU's sha256 of a bitmap.
-    fn sha256(&mut self, bitmap: &str) -> String {
-        let r = self.execute(
-            "x-debug-block-dirty-bitmap-sha256",
-            serde_json::json!({"node": "q0", "name": bitmap}),
-        );
-        r["return"]["sha256"]
-            .as_str()
-            .unwrap_or_else(|| panic!("sha256 of {bitmap}: {r}"))
-            .to_string()
-    }
-}
-
-impl Drop for QmpById {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// One fixture's run: the image, the model, and what happened so far.
 struct Run<'a> {
     fixture: &'a str,
@@ -663,7 +547,7 @@ impl Run<'_> {
             ));
         }
         let img = Image::open(self.bytes.clone()).unwrap();
-        let mut qmp = QmpById::start(&path);
+        let mut qmp = Qmp::start(&path);
         for (b, m) in img.bitmaps().iter().zip(&self.model) {
             let ours = hex(&img.sha256(b, false).unwrap());
             let theirs = qmp.sha256(&m.name);
