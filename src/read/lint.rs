@@ -145,16 +145,18 @@ impl<S: ReadAt> Image<S> {
     fn lint_table(&self, b: &BitmapEntry, out: &mut Vec<Finding>) {
         if b.entry.in_use() {
             // An in-use entry may carry a stale size; its entries must still be valid.
-            if let Err(e) = self.raw_table(b) {
-                out.push(finding(
-                    Severity::Corruption,
-                    Some(b),
-                    e.offset(),
-                    e.to_string(),
-                ));
-                return;
-            }
-            let raw = self.raw_table(b).unwrap_or_default();
+            let raw = match self.raw_table(b) {
+                Ok(raw) => raw,
+                Err(e) => {
+                    out.push(finding(
+                        Severity::Corruption,
+                        Some(b),
+                        e.offset(),
+                        e.to_string(),
+                    ));
+                    return;
+                }
+            };
             for (k, &r) in raw.iter().enumerate() {
                 if let TableEntry::Invalid(why) = TableEntry::decode(r, self.geometry()) {
                     let at = b.entry.table_offset + 8 * k as u64;

@@ -173,10 +173,15 @@ impl<S: WriteAt> Transaction<S> {
 
     /// The validated on-disk table of bitmap `i`, or None if it cannot be trusted.
     fn on_disk_raw(&self, i: usize) -> Option<Vec<u64>> {
-        let image = Image::open(&self.storage).ok()?;
-        let b = self.staged[i].as_entry(i);
-        image.table(&b).ok()?;
-        image.raw_table(&b).ok()
+        self.validated_raw(i).ok()
+    }
+
+    /// The on-disk table of bitmap `i`, validated, as raw entries (read once:
+    /// a validated table holds no invalid entry, so encoding gives the raw value back).
+    fn validated_raw(&self, i: usize) -> Result<Vec<u64>> {
+        let image = Image::open(&self.storage)?;
+        let table = image.table(&self.staged[i].as_entry(i))?;
+        Ok(table.entries.iter().map(|e| e.encode()).collect())
     }
 
     /// Stages clearing a bitmap: a new all-zero table, old clusters freed.
@@ -364,10 +369,7 @@ impl<S: WriteAt> Transaction<S> {
         if let Some(p) = &self.staged[i].pending {
             return Ok(p.raw.clone());
         }
-        let image = Image::open(&self.storage)?;
-        let b = self.staged[i].as_entry(i);
-        image.table(&b)?;
-        image.raw_table(&b)
+        self.validated_raw(i)
     }
 
     /// Writes every planned data cluster and table (called by commit).
