@@ -16,6 +16,7 @@
 #   --cap SECONDS  stop adding runs to an (operation, bitmaps) pair once its measured runs took
 #                  this long in total (at least one run is always made; 0 = no cap, default)
 #   --tmpdir DIR   where the temp dir goes (default $TMPDIR or /tmp); needs < 15 GiB
+#   --images-only  build the images (img1/img8/img32.qcow2), keep them, time nothing (profiling)
 # Env: QCOW2_BITMAP=path skips the cargo build; CARGO_TARGET_DIR (default /tmp/target-vsq).
 #
 # Needs qemu-img, qemu-io, qemu-nbd, nbdinfo (Debian libnbd-bin), GNU time (/usr/bin/time),
@@ -27,11 +28,12 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
 helper="$here/vs-qemu-report.py"
 
-quick=0 keep=0 out="" runs="" cap=0 tmpbase="${TMPDIR:-/tmp}"
+quick=0 keep=0 images_only=0 out="" runs="" cap=0 tmpbase="${TMPDIR:-/tmp}"
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) quick=1 ;;
         --keep) keep=1 ;;
+        --images-only) images_only=1; keep=1 ;;
         --out) out=$2; shift ;;
         --out=*) out=${1#--out=} ;;
         --runs) runs=$2; shift ;;
@@ -252,6 +254,7 @@ for n in "${counts[@]}"; do
     log "image: $((sz / 1048576)) MiB apparent, $((du / 1024)) MiB allocated"
     [ "$du" -lt $((4 * 1024 * 1024)) ] || die "image $img takes more than 4 GiB"
     "$ours" info "$img" | head -12 >&2 || true
+    [ "$images_only" = 1 ] && continue
     for op in info add remove disable enable clear merge check extents; do
         b=$img
         if [ "$op" = enable ]; then
@@ -263,6 +266,7 @@ for n in "${counts[@]}"; do
     rm -f "$img" "$tmp/base-disabled.qcow2"
 done
 wall=$(( ($(now_ns) - start) / 1000000000 ))
+if [ "$images_only" = 1 ]; then echo "$tmp"; exit 0; fi
 
 # ---- report ------------------------------------------------------------------------------
 {

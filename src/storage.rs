@@ -28,6 +28,19 @@ pub trait ReadAt {
         len: usize,
         scratch: &'a mut Vec<u8>,
     ) -> io::Result<&'a [u8]>;
+
+    /// Copies `buf.len()` bytes at `offset` into `buf`. For one-pass scans of
+    /// large areas: a mapped file answers with `pread`, so the scanned pages
+    /// do not stay in the process's resident set.
+    ///
+    /// # Errors
+    /// `UnexpectedEof` when the range is not entirely inside the storage.
+    fn copy_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut scratch = Vec::new();
+        let bytes = self.read_at(offset, buf.len(), &mut scratch)?;
+        buf.copy_from_slice(bytes);
+        Ok(())
+    }
 }
 
 fn eof(offset: u64, len: usize, total: u64) -> io::Error {
@@ -68,6 +81,9 @@ impl ReadAt for Vec<u8> {
 impl<T: ReadAt + ?Sized> ReadAt for &T {
     fn len(&self) -> u64 {
         (**self).len()
+    }
+    fn copy_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        (**self).copy_at(offset, buf)
     }
     fn read_at<'a>(&'a self, offset: u64, len: usize, s: &'a mut Vec<u8>) -> io::Result<&'a [u8]> {
         (**self).read_at(offset, len, s)
@@ -157,6 +173,16 @@ impl ReadAt for RwFile {
         self.file.read_exact_at(scratch, offset)?;
         Ok(scratch)
     }
+    fn copy_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|end| end > self.len)
+        {
+            return Err(eof(offset, buf.len(), self.len));
+        }
+        self.file.read_exact_at(buf, offset)
+    }
 }
 
 impl WriteAt for RwFile {
@@ -227,6 +253,11 @@ impl ReadAt for MappedFile {
     }
     fn read_at<'a>(&'a self, offset: u64, len: usize, _: &'a mut Vec<u8>) -> io::Result<&'a [u8]> {
         slice_at(self.bytes(), offset, len)
+    }
+    fn copy_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        slice_at(self.bytes(), offset, buf.len())?;
+        self.file.read_exact_at(buf, offset)
     }
 }
 

@@ -129,14 +129,27 @@ pub fn l2_entry(table: &[u8], i: usize, extended: bool) -> Option<(u64, u64)> {
     let len = l2_entry_len(extended);
     let at = i.checked_mul(len)?;
     let bytes = table.get(at..at.checked_add(len)?)?;
-    let entry = be_u64(&bytes[..8]);
-    let bitmap = if extended { be_u64(&bytes[8..16]) } else { 0 };
-    Some((entry, bitmap))
+    Some(split_entry(bytes, extended))
 }
 
+/// Splits one L2 entry's bytes (8, or 16 with extended L2) into
+/// `(entry, subcluster bitmap)`; missing bytes read as zeros.
+#[inline]
+pub fn split_entry(bytes: &[u8], extended: bool) -> (u64, u64) {
+    let entry = be_u64(bytes);
+    let bitmap = if extended {
+        be_u64(bytes.get(8..).unwrap_or(&[]))
+    } else {
+        0
+    };
+    (entry, bitmap)
+}
+
+#[inline]
 fn be_u64(b: &[u8]) -> u64 {
     let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
+    let n = b.len().min(8);
+    a[..n].copy_from_slice(&b[..n]);
     u64::from_be_bytes(a)
 }
 

@@ -363,8 +363,27 @@ fn read_clipped<S: ReadAt>(storage: &S, off: u64, len: u64) -> Result<Vec<u8>> {
     Ok(got.to_vec())
 }
 
+/// Copies `[off, off + buf.len())` clipped to the file into `buf`; returns
+/// the bytes copied. A copy, not a borrowed mapping: scanning hundreds of
+/// MiB of L2 tables this way keeps the resident set at one table.
+fn read_into_clipped<S: ReadAt>(storage: &S, off: u64, buf: &mut [u8]) -> Result<usize> {
+    let end = off.saturating_add(buf.len() as u64).min(storage.len());
+    let n = usize::try_from(end.saturating_sub(off)).unwrap_or(0);
+    if n == 0 {
+        return Ok(0);
+    }
+    storage
+        .copy_at(off, &mut buf[..n])
+        .map_err(|e| Error::io("refcount check read", Some(off), e))?;
+    Ok(n)
+}
+
 struct Walker<'a, S> {
     image: &'a Image<S>,
+    /// One cluster, reused for every L2 table.
+    l2_buf: Vec<u8>,
+    /// Active L1 indices whose L2 table maps at least one host cluster.
+    l2_with_host_clusters: Vec<usize>,
     g: Geometry,
     refcount_max: u64,
     extended: bool,
@@ -389,6 +408,8 @@ impl<'a, S: ReadAt> Walker<'a, S> {
         };
         Ok(Walker {
             image,
+            l2_buf: vec![0; g.cluster_len()],
+            l2_with_host_clusters: Vec::new(),
             g,
             refcount_max: refcount::max_refcount(h.refcount_order.min(refcount::MAX_ORDER)),
             extended: h.incompatible_features & incompat::EXTL2 != 0,
@@ -461,7 +482,7 @@ impl<'a, S: ReadAt> Walker<'a, S> {
         let owner = if active { Owner::L1 } else { Owner::SnapshotL1 };
         self.inc(offset, len, owner);
         let table = read_clipped(self.image.storage(), offset, len)?;
-        for raw in bitmap_table::raw_entries(&table) {
+        for (index, raw) in bitmap_table::raw_entries(&table).enumerate() {
             if raw == 0 {
                 continue;
             }
@@ -477,17 +498,29 @@ impl<'a, S: ReadAt> Walker<'a, S> {
                     "ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry corrupted"
                 ));
             }
-            self.check_l2(l2_offset, active)?;
+            let mut buf = std::mem::take(&mut self.l2_buf);
+            let n = read_into_clipped(self.image.storage(), l2_offset, &mut buf)?;
+            let allocated = self.check_l2(&buf[..n], active);
+            self.l2_buf = buf;
+            if active && allocated {
+                self.l2_with_host_clusters.push(index);
+            }
         }
         Ok(())
     }
 
-    fn check_l2(&mut self, offset: u64, active: bool) -> Result<()> {
-        let table = read_clipped(self.image.storage(), offset, self.g.cluster_size())?;
+    /// Counts one L2 table's references; true when some entry maps a host
+    /// cluster (only those tables matter to the "copied" pass).
+    fn check_l2(&mut self, table: &[u8], active: bool) -> bool {
         let mut next_contiguous = 0u64;
-        let mut i = 0;
-        while let Some((entry, bitmap)) = l2::l2_entry(&table, i, self.extended) {
-            i += 1;
+        let mut allocated = false;
+        for chunk in table.chunks_exact(l2::l2_entry_len(self.extended)) {
+            let (entry, bitmap) = l2::split_entry(chunk, self.extended);
+            // The common cases of a sparse disk: nothing allocated, or a plain
+            // zero cluster; no reserved bits, no reference.
+            if bitmap == 0 && (entry == 0 || (entry == l2::ZERO && !self.extended)) {
+                continue;
+            }
             let kind = l2::classify(entry, self.g, self.extended, self.data_file);
             if !matches!(kind, L2Kind::Compressed(_)) && entry & l2::L2_STD_RESERVED_MASK != 0 {
                 self.corruption(format!(
@@ -497,6 +530,7 @@ impl<'a, S: ReadAt> Walker<'a, S> {
             match kind {
                 L2Kind::Compressed(d) => self.check_compressed(entry, bitmap, d, active),
                 L2Kind::ZeroAlloc(off) | L2Kind::Normal(off) => {
+                    allocated = true;
                     self.check_allocated(entry, bitmap, off, active, &mut next_contiguous)
                 }
                 L2Kind::ZeroPlain => {}
@@ -510,7 +544,7 @@ impl<'a, S: ReadAt> Walker<'a, S> {
                 }
             }
         }
-        Ok(())
+        allocated
     }
 
     fn check_compressed(
@@ -793,7 +827,8 @@ impl<'a, S: ReadAt> Walker<'a, S> {
         Ok(())
     }
 
-    /// QEMU's "OFLAG_COPIED" pass over the active L1 and L2 tables.
+    /// QEMU's "OFLAG_COPIED" pass over the active L1 and L2 tables. Only the
+    /// L2 tables that map host clusters are read again.
     fn check_copied(&mut self, stored: &Stored<'_, S>) -> Result<()> {
         let h = self.image.header().clone();
         let cb = self.g.cluster_bits();
@@ -802,7 +837,8 @@ impl<'a, S: ReadAt> Walker<'a, S> {
             h.l1_table_offset,
             u64::from(h.l1_size) * 8,
         )?;
-        for (i, l1e) in bitmap_table::raw_entries(&l1).enumerate() {
+        let l1: Vec<u64> = bitmap_table::raw_entries(&l1).collect();
+        for (i, &l1e) in l1.iter().enumerate() {
             let l2_offset = l1e & l2::OFFSET_MASK;
             if l2_offset == 0 {
                 continue;
@@ -814,10 +850,18 @@ impl<'a, S: ReadAt> Walker<'a, S> {
                     ));
                 }
             }
-            let table = read_clipped(self.image.storage(), l2_offset, self.g.cluster_size())?;
-            let mut j = 0;
-            while let Some((entry, _)) = l2::l2_entry(&table, j, self.extended) {
-                j += 1;
+        }
+        let mut buf = std::mem::take(&mut self.l2_buf);
+        for i in std::mem::take(&mut self.l2_with_host_clusters) {
+            let l2_offset = l1.get(i).map_or(0, |e| e & l2::OFFSET_MASK);
+            if l2_offset == 0 {
+                // Walked as an "L2 table" in the header cluster, but QEMU's
+                // copied pass skips a zero offset.
+                continue;
+            }
+            let n = read_into_clipped(self.image.storage(), l2_offset, &mut buf)?;
+            for chunk in buf[..n].chunks_exact(l2::l2_entry_len(self.extended)) {
+                let (entry, _) = l2::split_entry(chunk, self.extended);
                 let off = match l2::classify(entry, self.g, self.extended, self.data_file) {
                     L2Kind::Normal(off) | L2Kind::ZeroAlloc(off) => off,
                     _ => continue,
@@ -835,6 +879,7 @@ impl<'a, S: ReadAt> Walker<'a, S> {
                 }
             }
         }
+        self.l2_buf = buf;
         Ok(())
     }
 }
