@@ -119,6 +119,23 @@ impl Error {
 }
 
 impl Error {
+    /// The same error about another object: `from` at the start of the
+    /// object's name becomes `to` (a result shared by several bitmaps is
+    /// reported under each one's own name).
+    pub(crate) fn renamed(&self, from: &str, to: &str) -> Error {
+        let object = match self.object.strip_prefix(from) {
+            Some(rest) => format!("{to}{rest}"),
+            None => self.object.clone(),
+        };
+        Error {
+            kind: self.kind,
+            object,
+            offset: self.offset,
+            message: self.message.clone(),
+            source: None,
+        }
+    }
+
     fn render(&self) -> String {
         match self.offset {
             Some(off) => format!(

@@ -32,6 +32,21 @@ pub fn le_bytes_to_words(bytes: &[u8], out: &mut [u64]) {
     }
 }
 
+/// Set bits among the first `nbits` bits of a serialized bit string
+/// (clipped to `bytes`), counted on the bytes themselves with the
+/// dispatched popcount: no conversion to words.
+pub fn count_ones(bytes: &[u8], nbits: u64) -> u64 {
+    let full = usize::try_from(nbits / 8)
+        .unwrap_or(usize::MAX)
+        .min(bytes.len());
+    let mut n = super::words::popcount::count_bytes(&bytes[..full]);
+    let partial = (nbits % 8) as u32;
+    if let Some(&b) = bytes.get(full).filter(|_| partial > 0) {
+        n += u64::from((b & ((1u8 << partial) - 1)).count_ones());
+    }
+    n
+}
+
 /// Writes the first `min(out.len(), 8 * words.len())` bytes of the
 /// serialized form of `words` into `out`. Bytes of `out` past that are left
 /// unchanged.
@@ -64,6 +79,22 @@ fn byte_of(w: u64, k: usize) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Prefix counts against a bit-at-a-time count, `nbits` mid-byte,
+        /// mid-word and past the end.
+        #[test]
+        fn count_ones_matches_bit_at_a_time(
+            bytes in prop::collection::vec(any::<u8>(), 0..100),
+            nbits in 0u64..900,
+        ) {
+            let expect = (0..nbits.min(bytes.len() as u64 * 8))
+                .filter(|&i| bytes[(i / 8) as usize] >> (i % 8) & 1 == 1)
+                .count() as u64;
+            prop_assert_eq!(count_ones(&bytes, nbits), expect);
+        }
+    }
 
     #[test]
     fn fixed_vector() {

@@ -47,11 +47,51 @@ pub(super) fn count(words: &[u64]) -> u64 {
     portable(words)
 }
 
+/// Set bits of a byte string, eight bytes at a time (byte order does not
+/// change a population count, so any order will do; big-endian keeps the
+/// crate's one little-endian conversion in `bytes.rs`).
+#[inline]
+pub(super) fn portable_bytes(bytes: &[u8]) -> u64 {
+    let chunks = bytes.chunks_exact(8);
+    let rest: u64 = chunks
+        .remainder()
+        .iter()
+        .map(|b| u64::from(b.count_ones()))
+        .sum();
+    chunks
+        .map(|c| {
+            u64::from(u64::from_be_bytes(<[u8; 8]>::try_from(c).unwrap_or_default()).count_ones())
+        })
+        .sum::<u64>()
+        + rest
+}
+
+/// [`portable_bytes`] compiled with `POPCNT` when the running CPU has it.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+pub(in crate::bits) fn count_bytes(bytes: &[u8]) -> u64 {
+    #[target_feature(enable = "popcnt")]
+    unsafe fn with_popcnt(bytes: &[u8]) -> u64 {
+        portable_bytes(bytes)
+    }
+    if std::arch::is_x86_feature_detected!("popcnt") {
+        // SAFETY: as in `count`: the feature was detected at run time.
+        return unsafe { with_popcnt(bytes) };
+    }
+    portable_bytes(bytes)
+}
+
+/// [`portable_bytes`]: no run-time dispatch off `x86_64`.
+#[cfg(not(target_arch = "x86_64"))]
+pub(in crate::bits) fn count_bytes(bytes: &[u8]) -> u64 {
+    portable_bytes(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
 
-    use super::{count, portable};
+    use super::{count, count_bytes, portable, portable_bytes};
     use crate::bits::naive;
 
     /// Words biased towards all-zero and all-one values.
@@ -65,6 +105,13 @@ mod tests {
         fn dispatched_matches_naive(w in arb_words()) {
             let expect = naive::count_ones_range(&naive::bits_of(&w), 0..u64::MAX);
             prop_assert_eq!(count(&w), expect);
+        }
+
+        #[test]
+        fn byte_counts_match_naive(b in prop::collection::vec(any::<u8>(), 0..200)) {
+            let expect: u64 = b.iter().map(|x| (0..8).filter(|i| x >> i & 1 == 1).count() as u64).sum();
+            prop_assert_eq!(count_bytes(&b), expect);
+            prop_assert_eq!(portable_bytes(&b), expect);
         }
 
         /// The fallback, which this machine may never dispatch to.

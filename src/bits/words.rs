@@ -13,7 +13,7 @@ use std::ops::Range;
 use super::mask::{Masks, WORD_BITS, below_bit, clip, from_bit, word_index};
 
 #[path = "popcount.rs"]
-mod popcount;
+pub(super) mod popcount;
 
 /// Words scanned per early-exit check in the search loops.
 const CHUNK: usize = 8;

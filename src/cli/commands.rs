@@ -71,10 +71,13 @@ fn stdout() -> BufWriter<io::StdoutLock<'static>> {
 
 fn info(path: &Path, opts: &ReadOpts, json: bool) -> Outcome {
     let image = open(path, opts)?;
+    // The JSON document has no density picture: skip that part of the pass.
+    let columns = if json { 0 } else { output::DENSITY_COLUMNS };
     let rows: Vec<BitmapRow> = image
         .bitmaps()
         .iter()
-        .map(|b| BitmapRow::new(&image, b, !json))
+        .zip(image.survey(columns))
+        .map(|(b, survey)| BitmapRow::new(b, survey))
         .collect();
     let doc = InfoDoc::new(path, &image, rows);
     let mut out = stdout();

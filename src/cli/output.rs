@@ -3,7 +3,7 @@
 
 use qcow2_bitmap::format::bitmap_table::TableEntry;
 use qcow2_bitmap::format::extensions::Extension;
-use qcow2_bitmap::read::{BitmapEntry, BitmapState, Extent, Image};
+use qcow2_bitmap::read::{BitmapEntry, Extent, Image, Survey};
 use qcow2_bitmap::storage::ReadAt;
 use serde::Serialize;
 use std::io::{self, Write};
@@ -53,13 +53,11 @@ pub struct BitmapRow {
 }
 
 /// Columns of the human density picture.
-const DENSITY_COLUMNS: u64 = 64;
+pub const DENSITY_COLUMNS: u64 = 64;
 
 impl BitmapRow {
-    /// Judges one bitmap (reads its table and data when it is ok).
-    /// `with_density` also computes the human dirty map (an extra pass).
-    pub fn new<S: ReadAt>(image: &Image<S>, b: &BitmapEntry, with_density: bool) -> Self {
-        let status = image.status(b);
+    /// One row from a directory entry and its [`Survey`].
+    pub fn new(b: &BitmapEntry, survey: Survey) -> Self {
         let mut flags = Vec::new();
         if b.entry.in_use() {
             flags.push("in-use");
@@ -67,39 +65,18 @@ impl BitmapRow {
         if b.entry.auto() {
             flags.push("auto");
         }
-        let density = (with_density && status.state == BitmapState::Ok)
-            .then(|| density(image, b))
-            .flatten();
         BitmapRow {
             name: b.name(),
             granularity: b.granularity(),
             flags,
-            state: status.state.as_str(),
-            problem: status.problem,
-            dirty_bytes: status.dirty_bytes,
+            state: survey.status.state.as_str(),
+            problem: survey.status.problem,
+            dirty_bytes: survey.status.dirty_bytes,
             table_offset: b.entry.table_offset,
             table_size: b.entry.table_size,
-            density,
+            density: survey.profile,
         }
     }
-}
-
-/// Dirty bytes per column of the virtual disk.
-fn density<S: ReadAt>(image: &Image<S>, b: &BitmapEntry) -> Option<Vec<u64>> {
-    let size = image.virtual_size();
-    let col = size.div_ceil(DENSITY_COLUMNS).max(1);
-    let mut cols = vec![0u64; DENSITY_COLUMNS as usize];
-    for e in image.extents(b, None, false).ok()? {
-        let e = e.ok()?;
-        let mut at = e.offset;
-        while at < e.end() {
-            let c = at / col;
-            let stop = ((c + 1) * col).min(e.end());
-            cols[c as usize] += stop - at;
-            at = stop;
-        }
-    }
-    Some(cols)
 }
 
 impl InfoDoc {

@@ -332,38 +332,49 @@ impl<S: ReadAt> Image<S> {
     /// I/O errors reading data clusters.
     pub fn dirty_bytes(&self, t: &Table) -> Result<u64> {
         let mut ones = 0u64;
-        let mut words = Vec::new();
+        let (mut words, mut buf) = (Vec::new(), Vec::new());
         for k in 0..t.entries.len() {
-            ones += self.count_cluster(t, k, &mut words)?;
+            ones += self.count_cluster(t, k, &mut buf)?;
         }
         let gran = 1u64 << t.granularity_bits;
         let mut bytes = ones.saturating_mul(gran);
         // The last granule may extend past the virtual size.
-        if t.nbits > 0 && self.bit_is_set(t, t.nbits - 1, &mut words)? {
+        if t.nbits > 0 && self.bit_is_set(t, t.nbits - 1, &mut words, &mut buf)? {
             bytes -= t.nbits * gran - self.virtual_size();
         }
         Ok(bytes)
     }
 
-    fn count_cluster(&self, t: &Table, k: usize, words: &mut Vec<u64>) -> Result<u64> {
+    fn count_cluster(&self, t: &Table, k: usize, bytes: &mut Vec<u8>) -> Result<u64> {
         let (first, end) = t.cluster_bits(k);
         Ok(match t.entries[k] {
             TableEntry::Zeros | TableEntry::Invalid(_) => 0,
             TableEntry::Ones => end - first,
             TableEntry::Data(off) => {
-                self.cluster_words(off, end - first, words)?;
-                bits::words::count_ones_range(words, 0..end - first)
+                let nbits = end - first;
+                let n = usize::try_from(nbits.div_ceil(8)).unwrap_or(usize::MAX);
+                bytes.resize(n, 0);
+                self.storage
+                    .copy_at(off, bytes)
+                    .map_err(|e| Error::io("bitmap data cluster", Some(off), e))?;
+                bits::bytes::count_ones(bytes, nbits)
             }
         })
     }
 
-    fn bit_is_set(&self, t: &Table, bit: u64, words: &mut Vec<u64>) -> Result<bool> {
+    fn bit_is_set(
+        &self,
+        t: &Table,
+        bit: u64,
+        words: &mut Vec<u64>,
+        bytes: &mut Vec<u8>,
+    ) -> Result<bool> {
         let k = usize::try_from(bit / t.bits_per_cluster()).unwrap_or(usize::MAX);
         let (first, end) = t.cluster_bits(k);
         Ok(match t.entries.get(k) {
             Some(TableEntry::Ones) => true,
             Some(TableEntry::Data(off)) => {
-                self.cluster_words(*off, end - first, words)?;
+                self.cluster_words(*off, end - first, words, bytes)?;
                 bits::words::next_one(words, bit - first, bit - first + 1).is_some()
             }
             _ => false,
@@ -371,11 +382,21 @@ impl<S: ReadAt> Image<S> {
     }
 
     /// Loads the first `nbits` bits of the data cluster at `off` into `words`
-    /// (bits past `nbits` in the last word are cleared).
-    pub(super) fn cluster_words(&self, off: u64, nbits: u64, words: &mut Vec<u64>) -> Result<()> {
-        let mut scratch = Vec::new();
-        let bytes = self.cluster_bytes(off, nbits, &mut scratch)?;
-        let nbytes = bytes.len();
+    /// (bits past `nbits` in the last word are cleared). The bytes are copied
+    /// through `bytes` with [`ReadAt::copy_at`]: a scan over many bitmaps
+    /// keeps one cluster resident instead of mapping every one it visits.
+    pub(super) fn cluster_words(
+        &self,
+        off: u64,
+        nbits: u64,
+        words: &mut Vec<u64>,
+        bytes: &mut Vec<u8>,
+    ) -> Result<()> {
+        let nbytes = usize::try_from(nbits.div_ceil(8)).unwrap_or(usize::MAX);
+        bytes.resize(nbytes, 0);
+        self.storage
+            .copy_at(off, bytes)
+            .map_err(|e| Error::io("bitmap data cluster", Some(off), e))?;
         words.clear();
         words.resize(nbytes.div_ceil(8), 0);
         bits::bytes::le_bytes_to_words(bytes, words);

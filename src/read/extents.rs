@@ -39,6 +39,8 @@ pub struct Extents<'a, S> {
     /// Table entry whose words are loaded, and its words.
     loaded: Option<usize>,
     words: Vec<u64>,
+    /// The loaded cluster's bytes (copy buffer).
+    bytes: Vec<u8>,
     failed: bool,
 }
 
@@ -69,6 +71,7 @@ impl<S: ReadAt> Image<S> {
             bit_end,
             loaded: None,
             words: Vec::new(),
+            bytes: Vec::new(),
             failed: false,
         })
     }
@@ -135,7 +138,7 @@ impl<S: ReadAt> Extents<'_, S> {
         if self.loaded != Some(k) {
             let (_, cluster_end) = self.table.cluster_bits(k);
             self.image
-                .cluster_words(off, cluster_end - first, &mut self.words)?;
+                .cluster_words(off, cluster_end - first, &mut self.words, &mut self.bytes)?;
             self.loaded = Some(k);
         }
         let (from, to) = (self.bit - first, end - first);

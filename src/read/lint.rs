@@ -186,12 +186,13 @@ impl<S: ReadAt> Image<S> {
         };
         let (first, end) = t.cluster_bits(k);
         let cluster_bits = t.bits_per_cluster();
-        let mut words = Vec::new();
+        let (mut words, mut bytes) = (Vec::new(), Vec::new());
         if self
             .cluster_words(
                 off,
                 cluster_bits.min(self.storage().len().saturating_sub(off) * 8),
                 &mut words,
+                &mut bytes,
             )
             .is_err()
         {

@@ -15,6 +15,7 @@ mod hash;
 mod lint;
 mod open;
 pub mod refcheck;
+mod survey;
 
 pub use bitmaps::{BitmapEntry, BitmapState, BitmapStatus, Table, expected_dimensions};
 pub use check::{CheckReport, Verdict};
@@ -23,6 +24,7 @@ pub use hash::hex;
 pub use lint::{Finding, Severity};
 pub use open::open_path;
 pub use refcheck::{RefcountReport, refcount_check};
+pub use survey::Survey;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::bitmaps_ext::BitmapsExt;

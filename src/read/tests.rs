@@ -284,3 +284,111 @@ fn truncated_files_never_panic() {
         }
     }
 }
+
+/// What `survey` must equal: `status`, and extents summed into columns.
+fn survey_oracle(img: &Image<Vec<u8>>, columns: u64) -> Vec<super::Survey> {
+    let size = img.virtual_size();
+    img.bitmaps()
+        .iter()
+        .map(|b| {
+            let status = img.status(b);
+            let profile = (columns > 0 && status.state == BitmapState::Ok).then(|| {
+                let col = size.div_ceil(columns).max(1);
+                let mut cols = vec![0u64; columns as usize];
+                for e in img.extents(b, None, false).unwrap() {
+                    let e = e.unwrap();
+                    let mut at = e.offset;
+                    while at < e.end() {
+                        let c = at / col;
+                        let stop = ((c + 1) * col).min(e.end());
+                        cols[c as usize] += stop - at;
+                        at = stop;
+                    }
+                }
+                cols
+            });
+            super::Survey { status, profile }
+        })
+        .collect()
+}
+
+proptest::proptest! {
+    /// Random bitmaps (zero, all-ones and data entries of any density),
+    /// sizes that are not multiples of the granularity, any column count.
+    #[test]
+    fn survey_matches_status_and_extents(
+        size in 1u64..(40 << 20),
+        gran in 9u8..14,
+        seed in proptest::prelude::any::<u64>(),
+        columns in 0u64..130,
+        nbitmaps in 1usize..4,
+    ) {
+        let nbits = size.div_ceil(1 << gran);
+        let per_cluster = 8u64 << CB;
+        let entries = nbits.div_ceil(per_cluster) as usize;
+        let mut x = seed;
+        let mut next = move || {
+            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        let mut bs: Vec<TestBitmap> = (0..nbitmaps)
+            .map(|i| {
+                let mut data = Vec::new();
+                let table = (0..entries)
+                    .map(|_| match next() % 4 {
+                        0 => Some(0),
+                        1 => Some(1),
+                        _ => {
+                            let sparse = next() % 2 == 0;
+                            data.push(
+                                (0..1usize << CB)
+                                    .map(|_| if sparse { (next() % 64 == 0) as u8 } else { next() as u8 })
+                                    .collect(),
+                            );
+                            None
+                        }
+                    })
+                    .collect();
+                TestBitmap::new(&format!("b{i}"), gran, table, data)
+            })
+            .collect();
+        let img = Image::open(build(CB, size, &mut bs)).unwrap();
+        proptest::prop_assert_eq!(img.survey(columns), survey_oracle(&img, columns));
+    }
+}
+
+#[test]
+fn survey_shares_one_table_and_names_each_bitmap_in_errors() {
+    let mut bs = three();
+    bs.push(TestBitmap::new("d", GB, vec![Some(0); 4], vec![]));
+    // "d" names the table of "a"; "b"'s table gets an invalid entry and "c"
+    // names it too: both report the error under their own name.
+    let mut file = build(CB, 8 << 20, &mut bs);
+    let (a_table, b_table) = (bs[0].entry.table_offset, bs[1].entry.table_offset);
+    let patch = |file: &mut Vec<u8>, at: usize, v: u64| {
+        file[at..at + 8].copy_from_slice(&v.to_be_bytes());
+    };
+    patch(&mut file, entry_field(&bs, 3, 0), a_table);
+    patch(&mut file, entry_field(&bs, 2, 0), b_table);
+    patch(&mut file, b_table as usize + 8, 0x200 | 0x40); // reserved bits
+    let img = Image::open(file).unwrap();
+    let survey = img.survey(16);
+    assert_eq!(survey, survey_oracle(&img, 16));
+    assert_eq!(survey[3].status.dirty_bytes, survey[0].status.dirty_bytes);
+    let (pb, pc) = (&survey[1].status.problem, &survey[2].status.problem);
+    assert!(
+        pb.as_deref()
+            .unwrap()
+            .starts_with("bitmap 'b' table entry 1"),
+        "{pb:?}"
+    );
+    assert!(
+        pc.as_deref()
+            .unwrap()
+            .starts_with("bitmap 'c' table entry 1"),
+        "{pc:?}"
+    );
+}
