@@ -5,7 +5,7 @@ use super::args::{Command, MergeArgs};
 use qcow2_bitmap::lock::Access;
 use qcow2_bitmap::read;
 use qcow2_bitmap::storage::RwFile;
-use qcow2_bitmap::write::{self, MergeSource, Transaction};
+use qcow2_bitmap::write::{self, Transaction};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -59,34 +59,21 @@ fn run(
 fn merge(m: &MergeArgs) -> Outcome {
     let Some(src_path) = &m.source_image else {
         return run(&m.image, |tx| {
-            for s in &m.sources {
-                let (bits, granularity_bits) = tx.load(s)?;
-                let src = MergeSource {
-                    bits: &bits,
-                    granularity_bits,
-                    virtual_size: tx.virtual_size(),
-                };
-                tx.merge(&m.target, &src)?;
-            }
-            Ok(())
+            m.sources
+                .iter()
+                .try_for_each(|s| tx.merge_bitmap(&m.target, s))
         });
     };
     let source = read::open_path(src_path, Access::Read)
         .map_err(|e| Failure::Lib(e.context(src_path.display())))?;
     run(&m.image, |tx| {
-        for s in &m.sources {
-            let b = source.find(s).map_err(|e| e.context(src_path.display()))?;
-            let bits = source
-                .load(b, false)
-                .map_err(|e| e.context(src_path.display()))?;
-            let granularity_bits = u32::from(b.entry.granularity_bits);
-            let src = MergeSource {
-                bits: &bits,
-                granularity_bits,
-                virtual_size: source.virtual_size(),
-            };
-            tx.merge(&m.target, &src)?;
-        }
-        Ok(())
+        m.sources.iter().try_for_each(|s| {
+            // Source problems are reported under the source file's name.
+            let ctx = |e: qcow2_bitmap::Error| e.context(src_path.display());
+            let b = source.find(s).map_err(ctx)?;
+            source.require_ok(b, false).map_err(ctx)?;
+            source.table(b).map_err(ctx)?;
+            tx.merge_from_image(&m.target, &source, s)
+        })
     })
 }

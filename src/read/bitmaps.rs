@@ -405,6 +405,38 @@ impl<S: ReadAt> Image<S> {
         Ok(())
     }
 
+    /// The bits of one table entry into `words` (`nbits` bits, the rest of
+    /// the last word cleared): all zeros, all ones, or the first `nbits`
+    /// bits of its data cluster (copied through `bytes`).
+    ///
+    /// # Errors
+    /// `Corrupt` for an invalid entry; I/O errors reading the cluster.
+    pub fn entry_words(
+        &self,
+        entry: TableEntry,
+        nbits: u64,
+        words: &mut Vec<u64>,
+        bytes: &mut Vec<u8>,
+    ) -> Result<()> {
+        let n = bits::words_for(nbits);
+        match entry {
+            TableEntry::Data(off) => return self.cluster_words(off, nbits, words, bytes),
+            TableEntry::Invalid(why) => {
+                return Err(Error::corrupt("bitmap table entry", 0, why.to_string()));
+            }
+            TableEntry::Zeros => {
+                words.clear();
+                words.resize(n, 0);
+            }
+            TableEntry::Ones => {
+                words.clear();
+                words.resize(n, u64::MAX);
+                bits::words::clear_range(words, nbits..n as u64 * 64);
+            }
+        }
+        Ok(())
+    }
+
     /// The bytes holding the first `nbits` bits of the data cluster at `off`.
     pub(super) fn cluster_bytes<'a>(
         &'a self,

@@ -92,8 +92,7 @@ impl<S: WriteAt> Transaction<S> {
         };
         let pending = Pending {
             raw: vec![0; table_size as usize],
-            bitmap: None,
-            writes: Vec::new(),
+            data: Default::default(),
         };
         self.staged.push(Staged {
             entry,
@@ -197,8 +196,7 @@ impl<S: WriteAt> Transaction<S> {
         s.entry.table_offset = table;
         s.pending = Some(Pending {
             raw: vec![0; size as usize],
-            bitmap: None,
-            writes: Vec::new(),
+            data: Default::default(),
         });
         self.mark_changed();
         Ok(())
@@ -225,23 +223,33 @@ impl<S: WriteAt> Transaction<S> {
 
     /// The current bits of bitmap `i` (as staged so far).
     pub(super) fn load_staged(&self, i: usize) -> Result<Bitmap> {
-        let s = &self.staged[i];
-        if let Some(p) = &s.pending {
-            if let Some(b) = &p.bitmap {
-                return Ok(b.clone());
-            }
-            if p.raw.iter().all(|&r| r == 0) {
-                let (nbits, _) = expected_dimensions(
-                    self.virtual_size(),
-                    u32::from(s.entry.granularity_bits),
-                    self.geometry(),
-                )
-                .unwrap_or((0, 0));
-                return Ok(Bitmap::zeros(nbits));
-            }
-        }
+        let view = self.view(i)?;
         let image = Image::open(&self.storage)?;
-        image.load(&s.as_entry(i), false)
+        let mut words = Vec::with_capacity(bits::words_for(view.nbits));
+        let (mut w, mut buf) = (Vec::new(), Vec::new());
+        for k in 0..view.raw.len() {
+            view.words(&image, k, &mut w, &mut buf)?;
+            words.extend_from_slice(&w);
+        }
+        Ok(Bitmap::from_words(words, view.nbits))
+    }
+
+    /// Bitmap `i` as staged so far, readable cluster by cluster.
+    fn view(&self, i: usize) -> Result<StagedView<'_>> {
+        let s = &self.staged[i];
+        let (nbits, _) = expected_dimensions(
+            self.virtual_size(),
+            u32::from(s.entry.granularity_bits),
+            self.geometry(),
+        )
+        .unwrap_or((0, 0));
+        Ok(StagedView {
+            raw: self.current_raw(i)?,
+            data: s.pending.as_ref().map(|p| &p.data),
+            nbits,
+            bits_per_cluster: self.geometry().cluster_size() * 8,
+            geometry: self.geometry(),
+        })
     }
 
     /// Loads bitmap `name` of this image as a merge source.
@@ -254,6 +262,102 @@ impl<S: WriteAt> Transaction<S> {
             self.load_staged(i)?,
             u32::from(self.staged[i].entry.granularity_bits),
         ))
+    }
+
+    /// Stages `target |= source` for two bitmaps of this image (as staged
+    /// so far). With equal granularities the two are streamed cluster by
+    /// cluster (memory: the target clusters that change); otherwise the
+    /// source is loaded and resampled as in [`Transaction::merge`].
+    ///
+    /// # Errors
+    /// `NotFound`, or `Untrusted` unless both are `ok`.
+    pub fn merge_bitmap(&mut self, target: &str, source: &str) -> Result<()> {
+        let j = self.position_ok(source, "merge from it")?;
+        let i = self.position_ok(target, "merge into it")?;
+        let (tg, sg) = (
+            self.staged[i].entry.granularity_bits,
+            self.staged[j].entry.granularity_bits,
+        );
+        if tg != sg {
+            let bits = self.load_staged(j)?;
+            let src = MergeSource {
+                bits: &bits,
+                granularity_bits: u32::from(sg),
+                virtual_size: self.virtual_size(),
+            };
+            return self.merge(target, &src);
+        }
+        if i == j {
+            return Ok(());
+        }
+        let changed = {
+            let image = Image::open(&self.storage)?;
+            let src = self.view(j)?;
+            self.changed_clusters(i, &image, |k, w, b| src.words(&image, k, w, b))?
+        };
+        self.replace_clusters(i, changed)
+    }
+
+    /// Stages `target |= source` where `source` is bitmap `name` of another
+    /// image, streamed cluster by cluster when the granularities are equal.
+    ///
+    /// # Errors
+    /// As [`Transaction::merge_bitmap`], errors of the source image (named
+    /// by the caller's context), `InvalidInput` when the virtual sizes differ.
+    pub fn merge_from_image<R: crate::storage::ReadAt>(
+        &mut self,
+        target: &str,
+        image: &Image<R>,
+        name: &str,
+    ) -> Result<()> {
+        let b = image.find(name)?;
+        image.require_ok(b, false)?;
+        let i = self.position_ok(target, "merge into it")?;
+        let same_gran = b.entry.granularity_bits == self.staged[i].entry.granularity_bits;
+        if !same_gran || image.virtual_size() != self.virtual_size() {
+            let bits = image.load(b, false)?;
+            let src = MergeSource {
+                bits: &bits,
+                granularity_bits: u32::from(b.entry.granularity_bits),
+                virtual_size: image.virtual_size(),
+            };
+            return self.merge(target, &src);
+        }
+        let table = image.table(b)?;
+        let changed = {
+            let own = Image::open(&self.storage)?;
+            self.changed_clusters(i, &own, |k, w, buf| {
+                let (first, end) = table.cluster_bits(k);
+                let entry = table.entries.get(k).copied().unwrap_or(TableEntry::Zeros);
+                image.entry_words(entry, end - first, w, buf)
+            })?
+        };
+        self.replace_clusters(i, changed)
+    }
+
+    /// The target clusters of bitmap `i` that `source` (cluster `k` ->
+    /// words, same layout) adds bits to, with their merged words.
+    fn changed_clusters<R: crate::storage::ReadAt>(
+        &self,
+        i: usize,
+        image: &Image<R>,
+        mut source: impl FnMut(usize, &mut Vec<u64>, &mut Vec<u8>) -> Result<()>,
+    ) -> Result<Vec<(usize, Vec<u64>)>> {
+        let target = self.view(i)?;
+        let (mut t, mut s, mut buf) = (Vec::new(), Vec::new(), Vec::new());
+        let mut changed = Vec::new();
+        for k in 0..target.raw.len() {
+            source(k, &mut s, &mut buf)?;
+            if bits::words::is_all_zero(&s) {
+                continue;
+            }
+            target.words(image, k, &mut t, &mut buf)?;
+            if t.iter().zip(&s).any(|(t, s)| s & !t != 0) {
+                bits::words::or_into(&mut t, &s);
+                changed.push((k, std::mem::take(&mut t)));
+            }
+        }
+        Ok(changed)
     }
 
     /// Stages `target |= source`, resampling across granularities. Only the
@@ -308,38 +412,59 @@ impl<S: WriteAt> Transaction<S> {
 
     /// Plans a new table for bitmap `i` holding `merged`: clusters not marked
     /// in `changed` keep their entries, changed ones get new data clusters.
-    /// (Memory: the merged bitmap only; the old content is never copied.)
     pub(super) fn replace_changed_clusters(
         &mut self,
         i: usize,
         changed: &[bool],
         merged: Bitmap,
     ) -> Result<()> {
+        let words_per = self.geometry().cluster_len() / 8;
+        let clusters = changed
+            .iter()
+            .enumerate()
+            .filter(|&(_, &c)| c)
+            .map(|(k, _)| {
+                let w = merged.words();
+                let first = (k * words_per).min(w.len());
+                let end = first.saturating_add(words_per).min(w.len());
+                (k, w[first..end].to_vec())
+            })
+            .collect();
+        self.replace_clusters(i, clusters)
+    }
+
+    /// Plans a new table for bitmap `i` in which each listed entry `k` gets
+    /// a new data cluster holding its words; the other entries are kept.
+    /// (Memory: the listed clusters; the old content is never copied.)
+    pub(super) fn replace_clusters(
+        &mut self,
+        i: usize,
+        clusters: Vec<(usize, Vec<u64>)>,
+    ) -> Result<()> {
+        if clusters.is_empty() {
+            return Ok(());
+        }
         let g = self.geometry();
         let old_raw = self.current_raw(i)?;
         let mut raw = old_raw.clone();
-        for (k, entry) in raw.iter_mut().enumerate() {
-            if changed.get(k).copied().unwrap_or(false) {
-                let c = self.refcounts.allocate(&self.storage, 1)?;
-                *entry = TableEntry::Data(g.offset_of(c).map(|o| o.0).unwrap_or(0)).encode();
-            }
-        }
-        let mut writes: Vec<(usize, crate::types::HostCluster)> = raw
-            .iter()
-            .enumerate()
-            .filter(|&(k, _)| changed.get(k).copied().unwrap_or(false))
-            .map(|(k, &r)| (k, g.cluster_of(crate::types::HostOffset(r))))
-            .collect();
-        // Clusters planned by an earlier merge in this transaction and not
-        // replaced now must still be written (from the final bits).
-        if let Some(p) = &self.staged[i].pending {
-            let earlier = p
-                .writes
-                .iter()
-                .filter(|(k, _)| !changed.get(*k).copied().unwrap_or(false));
-            writes.extend(earlier.copied());
+        let mut planned = Vec::with_capacity(clusters.len());
+        for (k, words) in clusters {
+            let Some(entry) = raw.get_mut(k) else {
+                continue;
+            };
+            let c = self.refcounts.allocate(&self.storage, 1)?;
+            *entry = TableEntry::Data(g.offset_of(c).map(|o| o.0).unwrap_or(0)).encode();
+            planned.push((k, (c, words)));
         }
         let table = self.allocate_clusters(g.clusters_for(raw.len() as u64 * 8))?;
+        // Clusters planned earlier in this transaction and not replaced now
+        // are still written at commit.
+        let mut data = self.staged[i]
+            .pending
+            .take()
+            .map(|p| p.data)
+            .unwrap_or_default();
+        data.extend(planned);
         // Old table and the data clusters no longer referenced are freed after commit.
         let s = &self.staged[i];
         let mut frees = vec![(
@@ -356,11 +481,7 @@ impl<S: WriteAt> Transaction<S> {
         self.frees.extend(frees);
         let s = &mut self.staged[i];
         s.entry.table_offset = table;
-        s.pending = Some(Pending {
-            raw,
-            bitmap: Some(merged),
-            writes,
-        });
+        s.pending = Some(Pending { raw, data });
         self.mark_changed();
         Ok(())
     }
@@ -379,11 +500,9 @@ impl<S: WriteAt> Transaction<S> {
             let Some(p) = self.staged[i].pending.take() else {
                 continue;
             };
-            if let Some(bitmap) = &p.bitmap {
-                for &(k, c) in &p.writes {
-                    let off = g.offset_of(c).map(|o| o.0).unwrap_or(0);
-                    self.write(off, &cluster_bytes(bitmap, k, g), "bitmap data cluster")?;
-                }
+            for (c, words) in p.data.values() {
+                let off = g.offset_of(*c).map(|o| o.0).unwrap_or(0);
+                self.write(off, &cluster_bytes(words, g), "bitmap data cluster")?;
             }
             let mut table = Vec::new();
             for r in &p.raw {
@@ -397,5 +516,42 @@ impl<S: WriteAt> Transaction<S> {
             self.write(off, &table, "bitmap table")?;
         }
         Ok(())
+    }
+}
+
+/// A staged bitmap read cluster by cluster: planned clusters from memory,
+/// the others as its table says (old data clusters stay intact until after
+/// commit).
+struct StagedView<'a> {
+    raw: Vec<u64>,
+    data: Option<&'a std::collections::BTreeMap<usize, (crate::types::HostCluster, Vec<u64>)>>,
+    nbits: u64,
+    bits_per_cluster: u64,
+    geometry: crate::types::Geometry,
+}
+
+impl StagedView<'_> {
+    /// The words of table entry `k` (its bits only, the tail cleared).
+    fn words<R: crate::storage::ReadAt>(
+        &self,
+        image: &Image<R>,
+        k: usize,
+        words: &mut Vec<u64>,
+        bytes: &mut Vec<u8>,
+    ) -> Result<()> {
+        let first = (k as u64)
+            .saturating_mul(self.bits_per_cluster)
+            .min(self.nbits);
+        let n = self.bits_per_cluster.min(self.nbits - first);
+        if let Some((_, w)) = self.data.and_then(|d| d.get(&k)) {
+            words.clear();
+            words.extend_from_slice(w);
+            words.resize(bits::words_for(n), 0);
+            let total = words.len() as u64 * 64;
+            bits::words::clear_range(words, n..total);
+            return Ok(());
+        }
+        let raw = self.raw.get(k).copied().unwrap_or(0);
+        image.entry_words(TableEntry::decode(raw, self.geometry), n, words, bytes)
     }
 }

@@ -1,7 +1,8 @@
 //! What a transaction plans for each bitmap: its new directory entry and, when
 //! its content changes, the new table and data clusters to write at commit.
 
-use crate::bits::Bitmap;
+use std::collections::BTreeMap;
+
 use crate::format::bitmap_table::TableEntry;
 use crate::format::directory::DirEntry;
 use crate::read::{BitmapEntry, BitmapState};
@@ -23,10 +24,10 @@ pub struct Staged {
 pub struct Pending {
     /// Raw table entries, big-endian encoded at commit.
     pub raw: Vec<u64>,
-    /// The bitmap whose clusters `writes` serializes (None: no data clusters).
-    pub bitmap: Option<Bitmap>,
-    /// Table entry index -> newly allocated data cluster.
-    pub writes: Vec<(usize, HostCluster)>,
+    /// Table entry index -> newly allocated data cluster and the words to
+    /// write there. Entries not listed keep what `raw` says (zeros, ones,
+    /// or an old data cluster that stays untouched until after commit).
+    pub data: BTreeMap<usize, (HostCluster, Vec<u64>)>,
 }
 
 impl Staged {
@@ -65,15 +66,9 @@ pub fn content_clusters(g: Geometry, table_offset: u64, raw: &[u64]) -> Vec<(Hos
     out
 }
 
-/// The `cluster_len` bytes of table entry `k`'s data, from `bitmap`.
-pub fn cluster_bytes(bitmap: &Bitmap, k: usize, g: Geometry) -> Vec<u8> {
-    let words_per = g.cluster_len() / 8;
-    let first = k * words_per;
-    let words = bitmap.words();
-    let end = (first + words_per).min(words.len());
+/// The `cluster_len` bytes of one data cluster holding `words`.
+pub fn cluster_bytes(words: &[u64], g: Geometry) -> Vec<u8> {
     let mut out = vec![0u8; g.cluster_len()];
-    if first < end {
-        crate::bits::bytes::words_to_le_bytes(&words[first..end], &mut out);
-    }
+    crate::bits::bytes::words_to_le_bytes(words, &mut out);
     out
 }

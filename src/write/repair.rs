@@ -366,8 +366,7 @@ impl<S: WriteAt> Transaction<S> {
         s.state = BitmapState::Ok;
         s.pending = Some(Pending {
             raw: vec![1; size as usize],
-            bitmap: None,
-            writes: Vec::new(),
+            data: Default::default(),
         });
         Ok(())
     }

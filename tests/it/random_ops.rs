@@ -243,6 +243,9 @@ fn apply_tx(tx: &mut Transaction<Vec<u8>>, op: &Op) -> qcow2_bitmap::Result<()> 
         Op::Merge { target, sources } => {
             for s in sources {
                 match s {
+                    // Both library paths: streamed cluster by cluster, and
+                    // loaded + resampled (chosen by the name, so a seed replays).
+                    Source::Named(n) if n.len() % 2 == 0 => tx.merge_bitmap(target, n)?,
                     Source::Named(n) => {
                         let (bits, gb) = tx.load(n)?;
                         let size = tx.virtual_size();

@@ -291,6 +291,14 @@ fn a_crash_at_any_write_or_sync_leaves_old_or_new_bitmaps() {
             }),
         ),
         (
+            "streamed merge of two bitmaps, twice into one target",
+            "several.qcow2",
+            Box::new(|tx| {
+                tx.merge_bitmap("a", "c")?;
+                tx.merge_bitmap("a", "b")
+            }),
+        ),
+        (
             "8 adds + merges (new refcount blocks)",
             "rc64.qcow2",
             Box::new(|tx| {
