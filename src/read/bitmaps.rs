@@ -126,9 +126,11 @@ pub(super) fn classify<S: ReadAt>(entries: Vec<DirEntry>, image: &Image<S>) -> V
     let size = image.virtual_size();
     let consistent = image.bitmaps_consistent();
     let mut out: Vec<BitmapEntry> = Vec::with_capacity(entries.len());
+    // Names seen so far: a set, so 65535 entries cost 65535 lookups.
+    let mut seen = std::collections::HashSet::with_capacity(entries.len());
     for (index, entry) in entries.into_iter().enumerate() {
         let mut problems = entry.problems(g, size);
-        if out.iter().any(|b| b.entry.name == entry.name) && !entry.name.is_empty() {
+        if !seen.insert(entry.name.clone()) && !entry.name.is_empty() {
             let msg = format!(
                 "duplicate name '{}' (an earlier entry has it)",
                 entry.name_lossy()

@@ -6,9 +6,30 @@
 
 use super::{BitmapEntry, BitmapState, Image};
 use crate::bits;
+use crate::error::Error;
 use crate::format::autoclear;
 use crate::format::bitmap_table::TableEntry;
 use crate::storage::ReadAt;
+use std::collections::HashMap;
+
+/// Most invalid entries of one in-use table listed one by one (the rest
+/// are summed up in one finding).
+pub const MAX_LISTED: usize = 8;
+
+/// Invalid entries `(index, raw, why)` listed, and their total.
+type InvalidEntries = (Vec<(usize, u64, String)>, u64);
+
+/// A table's verdict, or its error with the bitmap name it names.
+type Judged<T> = Result<T, (String, Error)>;
+
+/// Tables already judged in one lint pass, by what identifies their
+/// contents; errors keep the bitmap name they were rendered for.
+#[derive(Default)]
+struct Tables {
+    /// Validated tables: where their tail bits start, if they have any.
+    tables: HashMap<(u64, u32, u8), Judged<Option<u64>>>,
+    raw: HashMap<(u64, u32), Judged<InvalidEntries>>,
+}
 
 /// How bad a finding is (the `check` exit status follows the worst one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -64,8 +85,9 @@ impl<S: ReadAt> Image<S> {
     pub fn lint_bitmaps(&self) -> Vec<Finding> {
         let mut out = Vec::new();
         self.lint_extension(&mut out);
+        let mut memo = Tables::default();
         for b in self.bitmaps() {
-            self.lint_entry(b, &mut out);
+            self.lint_entry(b, &mut memo, &mut out);
         }
         out
     }
@@ -73,7 +95,7 @@ impl<S: ReadAt> Image<S> {
     /// The rules one bitmap breaks (its entry, table and tail bits).
     pub fn lint_bitmaps_of(&self, b: &BitmapEntry) -> Vec<Finding> {
         let mut out = Vec::new();
-        self.lint_entry(b, &mut out);
+        self.lint_entry(b, &mut Tables::default(), &mut out);
         out
     }
 
@@ -117,7 +139,7 @@ impl<S: ReadAt> Image<S> {
         }
     }
 
-    fn lint_entry(&self, b: &BitmapEntry, out: &mut Vec<Finding>) {
+    fn lint_entry(&self, b: &BitmapEntry, memo: &mut Tables, out: &mut Vec<Finding>) {
         for p in &b.problems {
             out.push(finding(
                 Severity::Corruption,
@@ -138,74 +160,113 @@ impl<S: ReadAt> Image<S> {
         if b.unusable_problem().is_some() {
             return;
         }
-        self.lint_table(b, out);
+        self.lint_table(b, memo, out);
     }
 
     /// Table rules: QEMU's `check` reads every table, in-use ones included.
-    fn lint_table(&self, b: &BitmapEntry, out: &mut Vec<Finding>) {
+    /// Each distinct table is read once, however many entries name it.
+    fn lint_table(&self, b: &BitmapEntry, memo: &mut Tables, out: &mut Vec<Finding>) {
+        let what = format!("bitmap '{}'", b.name());
         if b.entry.in_use() {
             // An in-use entry may carry a stale size; its entries must still be valid.
-            let raw = match self.raw_table(b) {
-                Ok(raw) => raw,
-                Err(e) => {
+            let key = (b.entry.table_offset, b.entry.table_size);
+            let scanned = memo
+                .raw
+                .entry(key)
+                .or_insert_with(|| self.invalid_entries(b).map_err(|e| (what.clone(), e)));
+            match &*scanned {
+                Ok((invalid, total)) => {
+                    for (k, r, why) in invalid {
+                        let at = b.entry.table_offset + 8 * *k as u64;
+                        let msg = format!("{what} table entry {k}: 0x{r:016x}: {why}");
+                        out.push(finding(Severity::Corruption, Some(b), Some(at), msg));
+                    }
+                    if *total > invalid.len() as u64 {
+                        let msg = format!(
+                            "{what} table: {} more invalid entries not listed",
+                            total - invalid.len() as u64
+                        );
+                        let at = Some(b.entry.table_offset);
+                        out.push(finding(Severity::Corruption, Some(b), at, msg));
+                    }
+                }
+                Err((first, e)) => {
+                    let e = e.renamed(first, &what);
                     out.push(finding(
                         Severity::Corruption,
                         Some(b),
                         e.offset(),
                         e.to_string(),
                     ));
-                    return;
-                }
-            };
-            for (k, &r) in raw.iter().enumerate() {
-                if let TableEntry::Invalid(why) = TableEntry::decode(r, self.geometry()) {
-                    let at = b.entry.table_offset + 8 * k as u64;
-                    let msg = format!("bitmap '{}' table entry {k}: 0x{r:016x}: {why}", b.name());
-                    out.push(finding(Severity::Corruption, Some(b), Some(at), msg));
                 }
             }
             return;
         }
-        match self.table(b) {
-            Ok(t) => self.lint_tail_bits(b, &t, out),
-            Err(e) => out.push(finding(
-                Severity::Corruption,
-                Some(b),
-                e.offset(),
-                e.to_string(),
-            )),
+        let key = (
+            b.entry.table_offset,
+            b.entry.table_size,
+            b.entry.granularity_bits,
+        );
+        let judged = memo.tables.entry(key).or_insert_with(|| {
+            self.table(b)
+                .map(|t| self.tail_bits_at(&t))
+                .map_err(|e| (what.clone(), e))
+        });
+        match &*judged {
+            Ok(Some(byte)) => {
+                let msg = format!(
+                    "{what} has bits set past the virtual size (first at data byte {byte})"
+                );
+                out.push(finding(Severity::Corruption, Some(b), Some(*byte), msg));
+            }
+            Ok(None) => {}
+            Err((first, e)) => {
+                let e = e.renamed(first, &what);
+                out.push(finding(
+                    Severity::Corruption,
+                    Some(b),
+                    e.offset(),
+                    e.to_string(),
+                ));
+            }
         }
     }
 
-    fn lint_tail_bits(&self, b: &BitmapEntry, t: &super::Table, out: &mut Vec<Finding>) {
-        let Some(k) = t.entries.len().checked_sub(1) else {
-            return;
-        };
+    /// The first [`MAX_LISTED`] invalid entries of `b`'s table as
+    /// `(index, raw, why)`, and how many there are in all.
+    fn invalid_entries(&self, b: &BitmapEntry) -> crate::error::Result<InvalidEntries> {
+        let raw = self.raw_table(b)?;
+        let mut listed = Vec::new();
+        let mut total = 0u64;
+        for (k, &r) in raw.iter().enumerate() {
+            if let TableEntry::Invalid(why) = TableEntry::decode(r, self.geometry()) {
+                total += 1;
+                if listed.len() < MAX_LISTED {
+                    listed.push((k, r, why.to_string()));
+                }
+            }
+        }
+        Ok((listed, total))
+    }
+
+    /// File offset of the first byte holding a bit past the virtual size
+    /// in `t`'s last data cluster, if any.
+    fn tail_bits_at(&self, t: &super::Table) -> Option<u64> {
+        let k = t.entries.len().checked_sub(1)?;
         let TableEntry::Data(off) = t.entries[k] else {
-            return;
+            return None;
         };
         let (first, end) = t.cluster_bits(k);
         let cluster_bits = t.bits_per_cluster();
         let (mut words, mut bytes) = (Vec::new(), Vec::new());
-        if self
-            .cluster_words(
-                off,
-                cluster_bits.min(self.storage().len().saturating_sub(off) * 8),
-                &mut words,
-                &mut bytes,
-            )
-            .is_err()
-        {
-            return;
-        }
-        let tail = bits::words::next_one(&words, end - first, words.len() as u64 * 64);
-        if let Some(bit) = tail {
-            let byte = off + bit / 8;
-            let msg = format!(
-                "bitmap '{}' has bits set past the virtual size (first at data byte {byte})",
-                b.name()
-            );
-            out.push(finding(Severity::Corruption, Some(b), Some(byte), msg));
-        }
+        self.cluster_words(
+            off,
+            cluster_bits.min(self.storage().len().saturating_sub(off) * 8),
+            &mut words,
+            &mut bytes,
+        )
+        .ok()?;
+        let bit = bits::words::next_one(&words, end - first, words.len() as u64 * 64)?;
+        Some(off + bit / 8)
     }
 }

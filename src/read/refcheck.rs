@@ -26,7 +26,7 @@
 //! allocate or loop without bound.
 //! This module never writes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use super::Image;
 use crate::error::{Error, Result};
@@ -39,6 +39,12 @@ use crate::format::l2::{self, L2Kind, SnapshotHeader};
 use crate::format::refcount::{self, REFTABLE_OFFSET_MASK};
 use crate::storage::ReadAt;
 use crate::types::Geometry;
+
+/// Most distinct owners [`RefMap::owners`] lists for one cluster.
+pub const MAX_OWNERS: usize = 8;
+
+/// Most diagnostics a [`RefcountReport`] lists (its counts include all).
+pub const MAX_DIAGNOSTICS: usize = 10_000;
 
 /// What a host cluster is used for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -171,23 +177,30 @@ impl RefMap {
         }
     }
 
-    /// Adds one reference; false when the count is already at `max`.
-    fn add(&mut self, k: usize, owner: Owner, max: u64) -> bool {
+    /// Adds `n` references from `owner`, saturating at `max`; returns how
+    /// many did not fit. At most [`MAX_OWNERS`] distinct owners are kept
+    /// per cluster (enough to name a conflict; a hostile directory of 65535
+    /// entries sharing one table must not make the map quadratic).
+    fn add(&mut self, k: usize, owner: Owner, n: u64, max: u64) -> u64 {
         self.grow_to(k + 1);
-        if u64::from(self.refs[k]) >= max || self.refs[k] == u32::MAX {
-            return false;
+        let limit = max.min(u64::from(u32::MAX));
+        let room = limit.saturating_sub(u64::from(self.refs[k]));
+        let added = n.min(room);
+        if added == 0 {
+            return n;
         }
-        self.refs[k] += 1;
+        // added <= limit - refs[k] <= u32::MAX - refs[k], so this fits.
+        self.refs[k] += added as u32;
         let packed = owner.pack();
         if self.first[k] == 0 {
             self.first[k] = packed;
         } else if self.first[k] != packed {
             let more = self.extra.entry(k as u64).or_default();
-            if !more.contains(&owner) {
+            if more.len() + 1 < MAX_OWNERS && !more.contains(&owner) {
                 more.push(owner);
             }
         }
-        true
+        n - added
     }
 }
 
@@ -378,6 +391,13 @@ fn read_into_clipped<S: ReadAt>(storage: &S, off: u64, buf: &mut [u8]) -> Result
     Ok(n)
 }
 
+/// What one bitmap table references: `(data cluster offset, times)` in
+/// offset order, and its first invalid entry `(index, raw, why)`.
+struct TableRefs {
+    data: Vec<(u64, u64)>,
+    invalid: Option<(usize, u64, String)>,
+}
+
 struct Walker<'a, S> {
     image: &'a Image<S>,
     /// One cluster, reused for every L2 table.
@@ -419,19 +439,33 @@ impl<'a, S: ReadAt> Walker<'a, S> {
     }
 
     fn corruption(&mut self, message: String) {
-        self.report.corruptions += 1;
-        self.report.diagnostics.push(Diagnostic {
-            severity: Severity::Corruption,
-            message,
-        });
+        self.corruptions(1, message);
+    }
+
+    /// Counts `n` corruptions; keeps `message` once, and only while fewer
+    /// than [`MAX_DIAGNOSTICS`] are kept (the counts stay exact).
+    fn corruptions(&mut self, n: u64, message: String) {
+        self.report.corruptions += n;
+        self.diagnostic(Severity::Corruption, message);
+    }
+
+    fn diagnostic(&mut self, severity: Severity, message: String) {
+        let kept = self.report.diagnostics.len();
+        if kept < MAX_DIAGNOSTICS {
+            self.report
+                .diagnostics
+                .push(Diagnostic { severity, message });
+        } else if kept == MAX_DIAGNOSTICS {
+            self.report.diagnostics.push(Diagnostic {
+                severity,
+                message: format!("(more problems: only the first {MAX_DIAGNOSTICS} are listed; the counts include all)"),
+            });
+        }
     }
 
     fn check_error(&mut self, message: String) {
         self.report.check_errors += 1;
-        self.report.diagnostics.push(Diagnostic {
-            severity: Severity::CheckError,
-            message,
-        });
+        self.diagnostic(Severity::CheckError, message);
     }
 
     /// One reference from `owner` to every cluster of `[offset, offset + size)`.
@@ -439,13 +473,19 @@ impl<'a, S: ReadAt> Walker<'a, S> {
     /// Like QEMU, a region ending a cluster or more past the end of the file
     /// is not counted at all: it is one corruption.
     fn inc(&mut self, offset: u64, size: u64, owner: Owner) {
-        if size == 0 {
+        self.inc_n(offset, size, owner, 1);
+    }
+
+    /// `n` references at once (counted exactly as `n` calls of [`Self::inc`],
+    /// with one message per cluster instead of one per reference).
+    fn inc_n(&mut self, offset: u64, size: u64, owner: Owner, n: u64) {
+        if size == 0 || n == 0 {
             return;
         }
         let end = u128::from(offset) + u128::from(size);
         let file_len = u128::from(self.image.storage().len());
         if end >= file_len + u128::from(self.g.cluster_size()) {
-            self.corruption(format!(
+            self.corruptions(n, format!(
                 "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x{offset:x} size 0x{size:x}"
             ));
             return;
@@ -455,8 +495,12 @@ impl<'a, S: ReadAt> Walker<'a, S> {
         let first = offset >> cb;
         let last = (offset + (size - 1)) >> cb;
         for k in first..=last {
-            if !self.report.map.add(k as usize, owner, self.refcount_max) {
-                self.corruption(format!("ERROR: overflow cluster offset=0x{:x}", k << cb));
+            let failed = self.report.map.add(k as usize, owner, n, self.refcount_max);
+            if failed > 0 {
+                self.corruptions(
+                    failed,
+                    format!("ERROR: overflow cluster offset=0x{:x}", k << cb),
+                );
             }
         }
     }
@@ -728,31 +772,56 @@ impl<'a, S: ReadAt> Walker<'a, S> {
             self.corruption(format!("bitmap directory: {p}"));
             self.report.aborted = Some(p.to_string());
         }
+        // Entries naming the same table share one walk of it: 65535 entries
+        // on one table cost one table read, not 65535.
+        let mut walked: HashMap<(u64, u32), TableRefs> = HashMap::new();
         for (i, e) in dir.entries.iter().enumerate() {
             self.report.bitmap_names.push(e.name_lossy());
             let bitmap = i as u32;
             let table_len = u64::from(e.table_size) * 8;
             self.inc(e.table_offset, table_len, Owner::BitmapTable { bitmap });
-            let table = read_clipped(self.image.storage(), e.table_offset, table_len)?;
-            for (k, raw) in bitmap_table::raw_entries(&table).enumerate() {
-                match TableEntry::decode(raw, self.g) {
-                    TableEntry::Data(off) => {
-                        self.inc(off, self.g.cluster_size(), Owner::BitmapData { bitmap })
-                    }
-                    TableEntry::Invalid(why) => {
-                        let msg = format!(
-                            "bitmap '{}' table entry {k} (0x{raw:016x}): {why}",
-                            e.name_lossy()
-                        );
-                        self.corruption(msg.clone());
-                        self.report.aborted = Some(msg);
-                        break;
-                    }
-                    TableEntry::Zeros | TableEntry::Ones => {}
-                }
+            let key = (e.table_offset, e.table_size);
+            if let std::collections::hash_map::Entry::Vacant(slot) = walked.entry(key) {
+                slot.insert(self.table_refs(e.table_offset, table_len)?);
+            }
+            let Some(refs) = walked.get(&key) else {
+                continue;
+            };
+            for &(off, n) in &refs.data {
+                self.inc_n(off, self.g.cluster_size(), Owner::BitmapData { bitmap }, n);
+            }
+            if let Some((k, raw, why)) = &refs.invalid {
+                let msg = format!(
+                    "bitmap '{}' table entry {k} (0x{raw:016x}): {why}",
+                    e.name_lossy()
+                );
+                self.corruption(msg.clone());
+                self.report.aborted = Some(msg);
             }
         }
         Ok(())
+    }
+
+    /// The data clusters a bitmap table references (with multiplicity, up
+    /// to its first invalid entry) and that entry.
+    fn table_refs(&self, offset: u64, len: u64) -> Result<TableRefs> {
+        let table = read_clipped(self.image.storage(), offset, len)?;
+        let mut counts: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut invalid = None;
+        for (k, raw) in bitmap_table::raw_entries(&table).enumerate() {
+            match TableEntry::decode(raw, self.g) {
+                TableEntry::Data(off) => *counts.entry(off).or_insert(0) += 1,
+                TableEntry::Invalid(why) => {
+                    invalid = Some((k, raw, why.to_string()));
+                    break;
+                }
+                TableEntry::Zeros | TableEntry::Ones => {}
+            }
+        }
+        Ok(TableRefs {
+            data: counts.into_iter().collect(),
+            invalid,
+        })
     }
 
     fn check_refblocks(&mut self, stored: &Stored<'_, S>) {
@@ -975,15 +1044,29 @@ mod tests {
     #[test]
     fn map_counts_saturate_and_tracks_distinct_owners() {
         let mut m = RefMap::default();
-        assert!(m.add(3, Owner::Data, 1));
-        assert!(!m.add(3, Owner::Data, 1));
-        assert!(m.add(4, Owner::Data, 5));
-        assert!(m.add(4, Owner::Data, 5));
-        assert!(m.add(4, Owner::BitmapData { bitmap: 0 }, 5));
+        assert_eq!(m.add(3, Owner::Data, 1, 1), 0);
+        assert_eq!(m.add(3, Owner::Data, 1, 1), 1);
+        assert_eq!(m.add(4, Owner::Data, 1, 5), 0);
+        assert_eq!(m.add(4, Owner::Data, 1, 5), 0);
+        assert_eq!(m.add(4, Owner::BitmapData { bitmap: 0 }, 1, 5), 0);
         assert_eq!(m.references(4), 3);
         assert_eq!(m.owners(4), [Owner::Data, Owner::BitmapData { bitmap: 0 }]);
         assert_eq!(m.shared().collect::<Vec<_>>(), [4]);
         assert_eq!(m.len(), 5);
         assert_eq!(m.references(99), 0);
+        // Many at once: saturates at the width, reports what did not fit.
+        assert_eq!(m.add(4, Owner::Data, 10, 5), 8);
+        assert_eq!(m.references(4), 5);
+        assert_eq!(
+            m.add(7, Owner::Data, u64::MAX, u64::MAX),
+            u64::MAX - u64::from(u32::MAX)
+        );
+        assert_eq!(m.references(7), u64::from(u32::MAX));
+        // Owners are capped per cluster.
+        for b in 0..100 {
+            m.add(9, Owner::BitmapTable { bitmap: b }, 1, u64::MAX);
+        }
+        assert_eq!(m.references(9), 100);
+        assert_eq!(m.owners(9).len(), MAX_OWNERS);
     }
 }
