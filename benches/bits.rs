@@ -10,7 +10,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput, measurement::WallTime};
-use qcow2_bitmap::bits::{bytes, runs::Runs, words};
+use qcow2_bitmap::bits::{Bitmap, bytes, resample::resample, runs::Runs, words};
 
 #[path = "common/mod.rs"]
 mod common;
@@ -56,12 +56,82 @@ fn bench_size(c: &mut Criterion, log2_bits: u32) {
     g.bench_function("count_ones", |b| {
         b.iter(|| assert_eq!(words::count_ones(black_box(a.words())), expect))
     });
+    g.bench_function("xor_into", |b| {
+        b.iter(|| words::xor_into(black_box(&mut dst), black_box(src.words())))
+    });
     let serialized = a.to_le_bytes();
+    g.bench_function("count_ones_bytes", |b| {
+        b.iter(|| assert_eq!(bytes::count_ones(black_box(&serialized), len), expect))
+    });
     g.bench_function("le_bytes_to_words", |b| {
         b.iter(|| bytes::le_bytes_to_words(black_box(&serialized), black_box(&mut dst)))
     });
+    let mut out = vec![0u8; serialized.len()];
+    g.bench_function("words_to_le_bytes", |b| {
+        b.iter(|| bytes::words_to_le_bytes(black_box(a.words()), black_box(&mut out)))
+    });
+    g.bench_function("set_range_mid_word", |b| {
+        b.iter(|| words::set_range(black_box(&mut dst), 3..len - 5))
+    });
+    g.bench_function("clear_range_mid_word", |b| {
+        b.iter(|| words::clear_range(black_box(&mut dst), 3..len - 5))
+    });
+    let zeros = Bitmap::zeros(len);
+    g.bench_function("is_all_zero", |b| {
+        b.iter(|| assert!(words::is_all_zero(black_box(zeros.words()))))
+    });
+    let last = sparse_last(len);
+    g.bench_function("next_one_far", |b| {
+        b.iter(|| {
+            assert_eq!(
+                words::next_one(black_box(last.words()), 0, len),
+                Some(len - 1)
+            )
+        })
+    });
+    g.bench_function("resample_coarser_x8", |b| {
+        b.iter(|| black_box(resample(black_box(&a), 16, 19, len / 8)))
+    });
+    g.bench_function("resample_finer_x8_from_an_eighth", |b| {
+        let coarse = resample(&a, 16, 19, len / 8);
+        b.iter(|| black_box(resample(black_box(&coarse), 19, 16, len)))
+    });
+    if log2_bits <= 16 {
+        bench_naive(&mut g, &a, &src);
+    }
     bench_runs(&mut g, len, &mut rng);
     g.finish();
+}
+
+/// Only the last bit set: `next_one` has to skip every word.
+fn sparse_last(len: u64) -> Bitmap {
+    let mut b = Bitmap::zeros(len);
+    b.set(len - 1);
+    b
+}
+
+/// Bit-at-a-time versions of `or` and `count` (what the word kernels are
+/// checked against in the property tests), at the small size only.
+fn bench_naive(g: &mut BenchmarkGroup<'_, WallTime>, a: &Bitmap, src: &Bitmap) {
+    let len = a.len();
+    let mut dst = a.clone();
+    g.bench_function("naive_or_bit_at_a_time", |b| {
+        b.iter(|| {
+            for i in 0..len {
+                if src.get(i) {
+                    dst.set(i);
+                }
+            }
+            black_box(&dst);
+        })
+    });
+    let expect = a.count_ones();
+    g.bench_function("naive_count_bit_at_a_time", |b| {
+        b.iter(|| {
+            let n = (0..len).filter(|&i| black_box(a).get(i)).count() as u64;
+            assert_eq!(n, expect);
+        })
+    });
 }
 
 fn bench_runs(g: &mut BenchmarkGroup<'_, WallTime>, len: u64, rng: &mut Rng) {
