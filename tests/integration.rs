@@ -35,3 +35,6 @@ mod write_locks;
 
 #[path = "it/repair.rs"]
 mod repair;
+
+#[path = "it/bounds.rs"]
+mod bounds;
