@@ -38,3 +38,6 @@ mod repair;
 
 #[path = "it/bounds.rs"]
 mod bounds;
+
+#[path = "it/kill.rs"]
+mod kill;
