@@ -587,6 +587,9 @@ impl Run<'_> {
         let out = tx
             .commit()
             .unwrap_or_else(|e| self.fail(format!("step {step}: commit: {e}")));
+        if guest_fingerprint(&out) != guest_fingerprint(&self.bytes) {
+            self.fail(format!("step {step}: guest data changed"));
+        }
         if count == 1 && may_be_noop && model == self.model && out != self.bytes {
             self.fail(format!(
                 "step {step}: an operation that changes nothing wrote to the image"
