@@ -12,6 +12,8 @@
 //! `clear b3`, `remove b1 b2`, and `repair` of a copy whose four bitmaps were
 //! left in-use by `qemu-io -c abort`.
 //!
+//! Half the kill delays are uniform over the run's duration, half in its
+//! last fifth (+10%), where the commit happens.
 //! `QCOW2_BITMAP_KILL_TRIALS=N` sets the kills per operation (default 3);
 //! `QCOW2_BITMAP_SEED=N` replays the kill delays (the seed in use is printed;
 //! the moment a kill lands still depends on the machine's timing).
@@ -259,7 +261,15 @@ fn kill_trials(
     let trial = dir.join("trial.qcow2");
     for t in 0..trials {
         std::fs::copy(source, &trial).unwrap();
-        let delay = Duration::from_micros(splitmix64(rng) % (duration.as_micros() as u64 + 1));
+        // Half the kills anywhere in the run, half near its end, where the
+        // commit (a short tail after reading the bitmaps) happens.
+        let d = duration.as_micros() as u64;
+        let micros = if splitmix64(rng) % 2 == 0 {
+            splitmix64(rng) % (d + 1)
+        } else {
+            d * 8 / 10 + splitmix64(rng) % (d * 3 / 10 + 1)
+        };
+        let delay = Duration::from_micros(micros);
         let what = format!("{label}: trial {t}, kill after {delay:?} (run takes {duration:?})");
         let mut child = spawn(args, &trial);
         std::thread::sleep(delay);
