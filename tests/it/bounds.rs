@@ -1,8 +1,9 @@
 //! Memory and time bounds on hostile claims: a small QEMU-made fixture,
 //! padded to 1 MiB, with one header or bitmap field patched to a huge value
 //! (65535 bitmaps, a 64 MiB directory, a 512 MiB bitmap, a 2^32-entry L1
-//! table, ...). Every read command, `repair --dry-run` and `repair` run as the
-//! real binary under `prlimit --as` and a wall-clock limit: each must finish
+//! table, ...). Every read command, `repair --dry-run`, `repair` and the write
+//! commands run as the real binary under `prlimit --as` and a wall-clock
+//! limit: each must finish
 //! in time, never die by a signal or panic, exit with its documented code, and
 //! a refusal is one stderr line that names what is wrong.
 
@@ -207,7 +208,7 @@ fn judge(what: &str, cmd: &str, r: &Run) -> Option<String> {
     }
     // A refusal (exit 1 from anything but check, whose 1 is "incomplete"):
     // one line, with the prefix, naming an offset or the missing bitmap.
-    if code == 1 && cmd != "check" && !cmd.starts_with("repair") {
+    if code == 1 && !matches!(cmd, "check" | "repair" | "write") {
         let line = r.stderr.trim_end();
         let named = line.contains(" at offset ") || line.contains("not found in the image");
         if r.stderr.lines().count() != 1 || !line.starts_with("qcow2-bitmap: ") || !named {
@@ -279,6 +280,39 @@ fn huge_claims_stay_within_memory_and_time_limits() {
                 "{}: check does not say {:?}:\n{report}",
                 case.name, case.needle
             ));
+        }
+        // Write commands, each on a fresh copy: exit 0, or a one-line
+        // refusal (exit 1) that leaves the image byte-identical.
+        let bytes = build(&base, &case);
+        let w = dir.path().join("write.qcow2");
+        let wp = w.to_str().unwrap();
+        for args in [
+            vec!["add", wp, "new"],
+            vec!["clear", wp, "b0"],
+            vec!["disable", wp, "b0"],
+            vec!["merge", wp, "b0", "b0"],
+            vec!["remove", wp, "b0"],
+        ] {
+            std::fs::write(&w, &bytes).unwrap();
+            let what = format!("{}: {}", case.name, args.join(" "));
+            match run_bounded(dir.path(), &args) {
+                Err(e) => failures.push(format!("{what}: {e}")),
+                Ok(r) => {
+                    runs += 1;
+                    slowest = slowest.max(r.elapsed);
+                    failures.extend(judge(&what, "write", &r));
+                    let code = r.status.code();
+                    if code == Some(1) && std::fs::read(&w).unwrap() != bytes {
+                        failures.push(format!("{what}: refused, but the image changed"));
+                    }
+                    if code == Some(1)
+                        && (r.stderr.lines().count() != 1
+                            || !r.stderr.starts_with("qcow2-bitmap: "))
+                    {
+                        failures.push(format!("{what}: not one line: {:?}", r.stderr));
+                    }
+                }
+            }
         }
         // Real repair, on the copy: finishes, exit 0 or 1, never a signal.
         let what = format!("{}: repair", case.name);
