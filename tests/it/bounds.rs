@@ -3,9 +3,9 @@
 //! (65535 bitmaps, a 64 MiB directory, a 512 MiB bitmap, a 2^32-entry L1
 //! table, ...). Every read command, `repair --dry-run`, `repair` and the write
 //! commands run as the real binary under `prlimit --as` and a wall-clock
-//! limit: each must finish
-//! in time, never die by a signal or panic, exit with its documented code, and
-//! a refusal is one stderr line that names what is wrong.
+//! limit: each must finish in time, never die by a signal or panic, exit with
+//! its documented code, and a refusal is one stderr line that names what is
+//! wrong (a read refusal: an offset or the missing bitmap).
 
 use crate::util::*;
 use qcow2_bitmap::format::ext_type;
