@@ -5,6 +5,9 @@
 //! - `live`: images generated now with QEMU tools, compared with QEMU's answers
 //!   (skipped with a visible message when QEMU is missing, unless
 //!   `QCOW2_BITMAP_REQUIRE_QEMU=1`, which `.ci/run` sets).
+//! - `bounds`: huge-claim images through the binary under `prlimit --as` and a time limit.
+//! - `kill`: SIGKILL write commands at random moments on a 16 TiB image
+//!   (`QCOW2_BITMAP_KILL_TRIALS=N` for a long run, `QCOW2_BITMAP_SEED` to replay).
 
 #[path = "it/util.rs"]
 mod util;
@@ -35,3 +38,9 @@ mod write_locks;
 
 #[path = "it/repair.rs"]
 mod repair;
+
+#[path = "it/bounds.rs"]
+mod bounds;
+
+#[path = "it/kill.rs"]
+mod kill;

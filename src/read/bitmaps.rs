@@ -274,6 +274,11 @@ impl<S: ReadAt> Image<S> {
         if force || b.state == BitmapState::Ok {
             return Ok(());
         }
+        // An invalid entry's refusal points at the offending field.
+        let offset = match b.state {
+            BitmapState::Invalid => b.unusable_problem().map(|p| p.offset),
+            _ => None,
+        };
         let why = match b.state {
             BitmapState::InUse => {
                 "is in use (not saved consistently; a QEMU process may have it open, or it crashed)"
@@ -289,7 +294,7 @@ impl<S: ReadAt> Image<S> {
         Err(Error::new(
             ErrorKind::Untrusted,
             format!("bitmap '{}'", b.name()),
-            None,
+            offset,
             format!("{why}; use --force to read it anyway"),
         ))
     }

@@ -508,6 +508,7 @@ impl<'a, S: ReadAt> Walker<'a, S> {
     fn walk(&mut self) -> Result<()> {
         let h = self.image.header().clone();
         self.inc(0, self.g.cluster_size(), Owner::Header);
+        self.check_l1_size(h.l1_size, h.size);
         self.check_l1(h.l1_table_offset, h.l1_size, true)?;
         self.walk_snapshots()?;
         let reftable_len = u64::from(h.refcount_table_clusters) * self.g.cluster_size();
@@ -516,6 +517,21 @@ impl<'a, S: ReadAt> Walker<'a, S> {
             self.walk_crypto();
         }
         self.walk_bitmaps()
+    }
+
+    /// QEMU refuses to open an image whose active L1 table cannot map the
+    /// whole virtual size ("L1 table is too small").
+    fn check_l1_size(&mut self, l1_size: u32, virtual_size: u64) {
+        let entry_bytes = if self.extended { 16 } else { 8 };
+        let cs = self.g.cluster_size();
+        let per_l1_entry = (cs / entry_bytes) * cs;
+        let needed = virtual_size.div_ceil(per_l1_entry);
+        if u64::from(l1_size) < needed {
+            self.corruption(format!(
+                "ERROR: L1 table is too small: qcow2 header l1_size at offset 36 (0x24): \
+                 {l1_size} entries, the virtual size {virtual_size} needs {needed}"
+            ));
+        }
     }
 
     fn check_l1(&mut self, offset: u64, l1_size: u32, active: bool) -> Result<()> {

@@ -375,3 +375,108 @@ fn wait_until(mut f: impl FnMut() -> bool) -> bool {
     }
     false
 }
+
+/// Refusals on the corruption corpus (`fixtures/corrupt/`): exit 1, nothing
+/// on stdout, one stderr line naming the structure, the field, its file
+/// offset and the offending value; a refused write leaves the image as it was.
+#[test]
+fn corrupt_fixture_refusals_name_structure_field_offset_and_value() {
+    let dir = tempfile::tempdir().unwrap();
+    // (fixture, command, exact stderr with IMG for the image path)
+    let cases: [(&str, &[&str], &str); 12] = [
+        (
+            "ext-nb-huge.qcow2",
+            &["clear", "IMG", "victim"],
+            "qcow2-bitmap: IMG: bitmaps extension: bitmaps extension nb_bitmaps at offset 120 (0x78): \
+             65536 exceeds 65535; run `qcow2-bitmap repair` first",
+        ),
+        (
+            "ext-dir-size-huge.qcow2",
+            &["add", "IMG", "new"],
+            "qcow2-bitmap: IMG: bitmaps extension: bitmaps extension bitmap_directory_size at offset 128 (0x80): \
+             67107841 exceeds the maximum 67107840; run `qcow2-bitmap repair` first",
+        ),
+        (
+            "ext-dir-misaligned.qcow2",
+            &["remove", "IMG", "victim"],
+            "qcow2-bitmap: IMG: bitmaps extension: bitmaps extension bitmap_directory_offset at offset 136 (0x88): \
+             0x4208 is not a nonzero multiple of the cluster size; run `qcow2-bitmap repair` first",
+        ),
+        (
+            "dir-fewer-entries.qcow2",
+            &["merge", "IMG", "healthy", "other"],
+            "qcow2-bitmap: IMG: bitmaps extension: bitmap directory at offset 16896 (0x4200): \
+             holds 3 entries but the bitmaps extension says 4; run `qcow2-bitmap repair` first",
+        ),
+        (
+            "dir-gran-32.qcow2",
+            &["extents", "--force", "IMG", "victim"],
+            "qcow2-bitmap: bitmap 'victim' directory entry at offset 16945 (0x4231): \
+             granularity_bits 32 is outside 9..=31",
+        ),
+        (
+            "dir-type-2.qcow2",
+            &["hash", "--force", "IMG", "victim"],
+            "qcow2-bitmap: bitmap 'victim' directory entry at offset 16944 (0x4230): \
+             type 2 is not 1 (dirty tracking)",
+        ),
+        (
+            "dir-table-offset-misaligned.qcow2",
+            &["extents", "--force", "--json", "IMG", "victim"],
+            "qcow2-bitmap: bitmap 'victim' directory entry at offset 16928 (0x4220): \
+             bitmap_table_offset 0x3c08 is not a nonzero multiple of the cluster size",
+        ),
+        (
+            "dir-extra-noflag.qcow2",
+            &["hash", "--force", "IMG", "victim"],
+            "qcow2-bitmap: bitmap 'victim' directory entry at offset 16948 (0x4234): \
+             extra_data_size 8 without the extra_data_compatible flag",
+        ),
+        (
+            "dir-flag-reserved.qcow2",
+            &["extents", "IMG", "victim"],
+            "qcow2-bitmap: bitmap 'victim' at offset 16940 (0x422c): is invalid \
+             (flags 0xa has reserved bits 0x8 set); use --force to read it anyway",
+        ),
+        (
+            "tbl-reserved.qcow2",
+            &["hash", "--force", "IMG", "victim"],
+            "qcow2-bitmap: bitmap 'victim' table entry 0 at offset 15360 (0x3c00): \
+             0x0000000000003802: reserved bits 0x2 are set",
+        ),
+        (
+            "tbl-past-eof.qcow2",
+            &["extents", "--force", "IMG", "victim"],
+            "qcow2-bitmap: bitmap 'victim' table entry 1 at offset 15368 (0x3c08): \
+             data cluster 0x6400 lies beyond the end of the file (16992 bytes)",
+        ),
+        (
+            "tbl-offset-allones.qcow2",
+            &["extents", "--force", "IMG", "victim"],
+            "qcow2-bitmap: bitmap 'victim' table entry 0 at offset 15360 (0x3c00): \
+             0x0000000000003801: offset 0x3800 together with the all-ones bit",
+        ),
+    ];
+    for (name, args, want) in cases {
+        let img = dir.path().join(name);
+        std::fs::copy(fixture(&format!("corrupt/{name}")), &img).unwrap();
+        let before = std::fs::read(&img).unwrap();
+        let p = img.to_str().unwrap();
+        let args: Vec<&str> = args
+            .iter()
+            .map(|a| if *a == "IMG" { p } else { a })
+            .collect();
+        let o = run(&args);
+        assert!(
+            o.stdout.is_empty(),
+            "{name} {args:?}: stdout {}",
+            stdout(&o)
+        );
+        let err = fails(&args);
+        assert_eq!(err.trim_end(), want.replace("IMG", p), "{name} {args:?}");
+        assert!(
+            std::fs::read(&img).unwrap() == before,
+            "{name} {args:?}: image changed"
+        );
+    }
+}

@@ -55,16 +55,6 @@ impl Rng {
     }
 }
 
-fn env_u64(name: &str) -> Option<u64> {
-    let v = std::env::var(name).ok()?;
-    let v = v.trim();
-    let parsed = match v.strip_prefix("0x") {
-        Some(h) => u64::from_str_radix(h, 16),
-        None => v.parse(),
-    };
-    Some(parsed.unwrap_or_else(|e| panic!("{name}={v}: {e}")))
-}
-
 /// One bitmap of the model.
 #[derive(Clone, PartialEq)]
 struct ModelBitmap {
@@ -597,6 +587,9 @@ impl Run<'_> {
         let out = tx
             .commit()
             .unwrap_or_else(|e| self.fail(format!("step {step}: commit: {e}")));
+        if guest_fingerprint(&out) != guest_fingerprint(&self.bytes) {
+            self.fail(format!("step {step}: guest data changed"));
+        }
         if count == 1 && may_be_noop && model == self.model && out != self.bytes {
             self.fail(format!(
                 "step {step}: an operation that changes nothing wrote to the image"

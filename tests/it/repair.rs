@@ -10,7 +10,10 @@
 //!
 //! Every test collects all failures over the corpus and reports them together.
 
-use crate::util::{Qmp, fixtures_dir, qemu_available, qemu_check, read_json, run, stderr, stdout};
+use crate::util::{
+    Qmp, fixtures_dir, guest_fingerprint_of, qemu_available, qemu_check, read_json, run, stderr,
+    stdout,
+};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -398,6 +401,7 @@ fn remove_one(tmp: &Path, rec: &Value) -> Vec<String> {
     let sub = tmp.join("remove");
     std::fs::create_dir_all(&sub).unwrap();
     let path = copy_to(&sub, img);
+    let guest = guest_fingerprint_of(&path);
     let o = run(&[
         "repair",
         "--json",
@@ -410,6 +414,11 @@ fn remove_one(tmp: &Path, rec: &Value) -> Vec<String> {
             "{img}: `repair --in-use remove` exit {:?}: {}",
             o.status.code(),
             stderr(&o).lines().next().unwrap_or("")
+        ));
+    }
+    if guest_fingerprint_of(&path) != guest {
+        f.push(format!(
+            "{img}: `repair --in-use remove` changed guest data"
         ));
     }
     let (qrc, _) = qemu_check(&path);

@@ -366,3 +366,74 @@ pub fn splitmix64(state: &mut u64) -> u64 {
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
 }
+
+/// A number from the environment, decimal or 0x-hex (panics on garbage).
+pub fn env_u64(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    let v = v.trim();
+    let parsed = match v.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => v.parse(),
+    };
+    Some(parsed.unwrap_or_else(|e| panic!("{name}={v}: {e}")))
+}
+
+/// Fingerprint of the guest-visible data of a qcow2 image, read from its
+/// bytes without the library: SHA-256 over the active L1 table, every L2
+/// table it references, and every host cluster (or compressed span) those L2
+/// entries reference. Write commands must leave it unchanged: they never write
+/// guest data, L1 or L2 tables. (Snapshots and backing files are not covered;
+/// with an external data file only the mapping is.)
+pub fn guest_fingerprint(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+    let be32 = |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap());
+    let be64 = |at: u64| -> u64 {
+        let at = at as usize;
+        bytes
+            .get(at..at + 8)
+            .map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap()))
+    };
+    let slice = |off: u64, len: u64| -> &[u8] {
+        let start = (off as usize).min(bytes.len());
+        let end = (off.saturating_add(len) as usize).min(bytes.len());
+        &bytes[start..end]
+    };
+    let version = be32(4);
+    let cluster_bits = be32(20);
+    let cs = 1u64 << cluster_bits;
+    // Bounded by the file, so a hostile l1_size cannot make this loop long.
+    let l1_size = u64::from(be32(36)).min(bytes.len() as u64 / 8);
+    let l1_offset = be64(40);
+    let incompat = if version >= 3 { be64(72) } else { 0 };
+    let extended = incompat & (1 << 4) != 0;
+    let data_file = incompat & (1 << 2) != 0;
+    let stride = if extended { 16 } else { 8 };
+    let mut sha = Sha256::new();
+    sha.update(slice(l1_offset, l1_size * 8));
+    for i in 0..l1_size {
+        let l2 = be64(l1_offset + 8 * i) & OFFSET_MASK;
+        if l2 == 0 {
+            continue;
+        }
+        sha.update(slice(l2, cs));
+        for j in 0..cs / stride {
+            let raw = be64(l2 + j * stride);
+            if raw & (1 << 62) != 0 {
+                // Compressed: offset in the low x bits, sector count above.
+                let x = 62 - (cluster_bits - 8);
+                let off = raw & ((1 << x) - 1);
+                let sectors = ((raw >> x) & ((1 << (cluster_bits - 8)) - 1)) + 1;
+                sha.update(slice(off, sectors * 512 - (off & 511)));
+            } else if raw & OFFSET_MASK != 0 && !data_file {
+                sha.update(slice(raw & OFFSET_MASK, cs));
+            }
+        }
+    }
+    sha.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// [`guest_fingerprint`] of a file.
+pub fn guest_fingerprint_of(path: &Path) -> String {
+    guest_fingerprint(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+}

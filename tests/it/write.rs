@@ -49,9 +49,12 @@ fn commit(
     bytes: Vec<u8>,
     op: impl FnOnce(&mut Transaction<Vec<u8>>) -> qcow2_bitmap::Result<()>,
 ) -> Vec<u8> {
+    let guest = guest_fingerprint(&bytes);
     let mut tx = Transaction::begin(bytes).unwrap();
     op(&mut tx).unwrap();
-    tx.commit().unwrap()
+    let out = tx.commit().unwrap();
+    assert_eq!(guest_fingerprint(&out), guest, "guest data changed");
+    out
 }
 
 /// The names the operations below use on a fixture.
@@ -258,11 +261,14 @@ fn refused_images() {
             .to_string();
         assert!(e.contains(want), "{name}: {e}");
     }
-    let mut tx = Transaction::begin(std::fs::read(fixture("inuse.qcow2")).unwrap()).unwrap();
+    let inuse = std::fs::read(fixture("inuse.qcow2")).unwrap();
+    let guest = guest_fingerprint(&inuse);
+    let mut tx = Transaction::begin(inuse).unwrap();
     let e = tx.clear("a").unwrap_err().to_string();
     assert!(e.contains("is in-use; only remove is allowed"), "{e}");
     tx.remove(&["a"]).unwrap();
     let out = tx.commit().unwrap();
+    assert_eq!(guest_fingerprint(&out), guest, "guest data changed");
     let img = Image::open(out).unwrap();
     assert!(img.find("a").is_err());
     assert_eq!(img.bitmaps().len(), 3);
@@ -323,6 +329,10 @@ fn merge_from_another_image_via_the_cli() {
     std::fs::copy(fixture("cs512.qcow2"), &target).unwrap();
     std::fs::copy(fixture("cs512.qcow2"), &source).unwrap();
     let (t, s) = (target.to_str().unwrap(), source.to_str().unwrap());
+    let (guest, source_bytes) = (
+        guest_fingerprint_of(&target),
+        std::fs::read(&source).unwrap(),
+    );
     let ok = |args: &[&str]| {
         let o = run(args);
         assert!(o.status.success(), "{args:?}: {}", stderr(&o));
@@ -338,6 +348,11 @@ fn merge_from_another_image_via_the_cli() {
     let got = snapshot(&std::fs::read(&target).unwrap());
     assert!(got["from-other"].2 == want, "merged bits differ");
     assert!(want.count_ones() > 0);
+    assert_eq!(guest_fingerprint_of(&target), guest, "guest data changed");
+    assert!(
+        std::fs::read(&source).unwrap() == source_bytes,
+        "the source image changed"
+    );
     // Different virtual sizes are refused, the image untouched.
     let other = dir.path().join("o.qcow2");
     std::fs::copy(fixture("several.qcow2"), &other).unwrap();
@@ -353,4 +368,39 @@ fn merge_from_another_image_via_the_cli() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("different sizes"), "{}", stderr(&o));
     assert_eq!(std::fs::read(&target).unwrap(), before);
+}
+
+/// The guest-data fingerprint the write tests compare sees a changed guest
+/// data cluster and a changed L2 entry, and ignores bitmap clusters.
+#[test]
+fn guest_fingerprint_sees_guest_data_and_ignores_bitmaps() {
+    let bytes = std::fs::read(fixture("one.qcow2")).unwrap();
+    let base = guest_fingerprint(&bytes);
+    let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let l1 = be64(&bytes, 40) as usize;
+    let l2 = (be64(&bytes, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    assert_ne!(l2, 0, "one.qcow2 maps its first 512 MiB");
+    let (slot, data) = (0..65536 / 8)
+        .map(|j| (l2 + 8 * j, be64(&bytes, l2 + 8 * j) & 0x00ff_ffff_ffff_fe00))
+        .find(|e| e.1 != 0)
+        .expect("one.qcow2 has an allocated guest cluster");
+    let mut changed = bytes.clone();
+    changed[data as usize + 100] ^= 1;
+    assert_ne!(guest_fingerprint(&changed), base, "guest data byte");
+    let mut remapped = bytes.clone();
+    remapped[slot + 7] ^= 1; // the zero flag of the entry
+    assert_ne!(guest_fingerprint(&remapped), base, "L2 entry");
+    let img = Image::open(bytes.clone()).unwrap();
+    let b = &img.bitmaps()[0];
+    let mut bitmap_changed = bytes.clone();
+    let table = b.entry.table_offset as usize;
+    bitmap_changed[table + 7] ^= 1; // a reserved bit of the bitmap table entry
+    for &raw in &img.raw_table(b).unwrap() {
+        let d = (raw & 0x00ff_ffff_ffff_fe00) as usize;
+        if d != 0 {
+            bitmap_changed[d] ^= 0xff;
+        }
+    }
+    assert_ne!(bitmap_changed, bytes);
+    assert_eq!(guest_fingerprint(&bitmap_changed), base, "bitmap clusters");
 }

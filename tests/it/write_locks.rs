@@ -229,6 +229,11 @@ fn write_commands_on_an_unheld_copy_succeed() {
             std::fs::read(&img).unwrap() != std::fs::read(fixture(FIXTURE)).unwrap(),
             "{args:?} changed nothing"
         );
+        assert_eq!(
+            guest_fingerprint_of(&img),
+            guest_fingerprint_of(&fixture(FIXTURE)),
+            "{args:?} changed guest data"
+        );
     }
 }
 

@@ -163,8 +163,11 @@ fn same_operations_as_qemu_img_bitmap_give_the_same_bitmaps() {
             (vec!["clear", o, &a], vec!["--clear"], &a),
             (vec!["remove", o, "dflt"], vec!["--remove"], "dflt"),
         ];
+        let guest = guest_fingerprint_of(&ours);
         for (ours_args, qemu_args, target) in ops {
             run_cli(&ours_args);
+            let what = format!("{name} {ours_args:?}");
+            assert_eq!(guest_fingerprint_of(&ours), guest, "{what}: guest data");
             let o2 = Command::new("qemu-img")
                 .arg("bitmap")
                 .args(&qemu_args)
@@ -177,7 +180,6 @@ fn same_operations_as_qemu_img_bitmap_give_the_same_bitmaps() {
                 "qemu-img bitmap {qemu_args:?}: {}",
                 String::from_utf8_lossy(&o2.stderr)
             );
-            let what = format!("{name} {ours_args:?}");
             assert_eq!(
                 qemu_info_bitmaps(&ours),
                 qemu_info_bitmaps(&theirs),
@@ -200,6 +202,7 @@ fn crash_everywhere(
     dir: &Path,
 ) -> usize {
     let old = snapshot(before);
+    let guest = guest_fingerprint(before);
     let clean = CrashStore::new(before.to_vec(), None);
     let mut tx = Transaction::begin(clean.clone()).unwrap();
     op(&mut tx).unwrap();
@@ -220,6 +223,7 @@ fn crash_everywhere(
                 same(&got, &old) || same(&got, &new),
                 "{what}: bitmaps are neither all old nor all new"
             );
+            assert_eq!(guest_fingerprint(&image), guest, "{what}: guest data");
             let path = dir.join("crashed.qcow2");
             std::fs::write(&path, &image).unwrap();
             let (rc, v) = qemu_check(&path);
@@ -361,6 +365,7 @@ fn a_crash_during_repair_leaves_an_openable_image() {
         ("tail-bits.qcow2", Some("tail-none")),
     ] {
         let before = std::fs::read(fixture(fx)).unwrap();
+        let guest = guest_fingerprint(&before);
         let clean = CrashStore::new(before.clone(), None);
         repair(clean.clone(), InUsePolicy::Dirty).unwrap();
         let total = clean.ops();
@@ -377,6 +382,7 @@ fn a_crash_during_repair_leaves_an_openable_image() {
             for (kind, image) in [("durable", store.durable()), ("live", store.live())] {
                 let what = format!("repair of {fx}: crash at operation {k}/{total} ({kind})");
                 let img = Image::open(image.clone()).unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert_eq!(guest_fingerprint(&image), guest, "{what}: guest data");
                 for b in img.bitmaps() {
                     let st = img.status(b);
                     let full = st.dirty_bytes == Some(img.virtual_size());
