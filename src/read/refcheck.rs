@@ -376,6 +376,35 @@ fn read_clipped<S: ReadAt>(storage: &S, off: u64, len: u64) -> Result<Vec<u8>> {
     Ok(got.to_vec())
 }
 
+/// Why QEMU refuses to open `image` for its L1 table, if it does: the
+/// virtual size needs more than `i32::MAX` L1 entries ("Image is too big"),
+/// or more than the header's `l1_size` ("L1 table is too small").
+pub fn l1_problem<S: ReadAt>(image: &Image<S>) -> Option<String> {
+    let h = image.header();
+    let g = image.geometry();
+    let extended = h.incompatible_features & incompat::EXTL2 != 0;
+    let entry_bytes = if extended { 16 } else { 8 };
+    let cs = g.cluster_size();
+    let per_l1_entry = (cs / entry_bytes) * cs;
+    let needed = h.size.div_ceil(per_l1_entry);
+    if needed > i32::MAX as u64 {
+        Some(format!(
+            "ERROR: Image is too big: qcow2 header size at offset 24 (0x18): \
+             {} bytes would need {needed} L1 entries (QEMU's limit is {})",
+            h.size,
+            i32::MAX
+        ))
+    } else if u64::from(h.l1_size) < needed {
+        Some(format!(
+            "ERROR: L1 table is too small: qcow2 header l1_size at offset 36 (0x24): \
+             {} entries, the virtual size {} needs {needed}",
+            h.l1_size, h.size
+        ))
+    } else {
+        None
+    }
+}
+
 /// Copies `[off, off + buf.len())` clipped to the file into `buf`; returns
 /// the bytes copied. A copy, not a borrowed mapping: scanning hundreds of
 /// MiB of L2 tables this way keeps the resident set at one table.
@@ -508,7 +537,7 @@ impl<'a, S: ReadAt> Walker<'a, S> {
     fn walk(&mut self) -> Result<()> {
         let h = self.image.header().clone();
         self.inc(0, self.g.cluster_size(), Owner::Header);
-        self.check_l1_size(h.l1_size, h.size);
+        self.check_l1_size();
         self.check_l1(h.l1_table_offset, h.l1_size, true)?;
         self.walk_snapshots()?;
         let reftable_len = u64::from(h.refcount_table_clusters) * self.g.cluster_size();
@@ -519,18 +548,9 @@ impl<'a, S: ReadAt> Walker<'a, S> {
         self.walk_bitmaps()
     }
 
-    /// QEMU refuses to open an image whose active L1 table cannot map the
-    /// whole virtual size ("L1 table is too small").
-    fn check_l1_size(&mut self, l1_size: u32, virtual_size: u64) {
-        let entry_bytes = if self.extended { 16 } else { 8 };
-        let cs = self.g.cluster_size();
-        let per_l1_entry = (cs / entry_bytes) * cs;
-        let needed = virtual_size.div_ceil(per_l1_entry);
-        if u64::from(l1_size) < needed {
-            self.corruption(format!(
-                "ERROR: L1 table is too small: qcow2 header l1_size at offset 36 (0x24): \
-                 {l1_size} entries, the virtual size {virtual_size} needs {needed}"
-            ));
+    fn check_l1_size(&mut self) {
+        if let Some(msg) = l1_problem(self.image) {
+            self.corruption(msg);
         }
     }
 

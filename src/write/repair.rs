@@ -416,6 +416,7 @@ pub struct RepairReport {
 /// # Errors
 /// I/O errors while checking.
 pub fn repair_dry_run<S: ReadAt>(image: &Image<S>, policy: InUsePolicy) -> Result<RepairReport> {
+    refuse_unopenable(image)?;
     let plan = plan(image, policy);
     let plan_is_empty = plan.is_empty();
     let before = image.check()?;
@@ -469,6 +470,7 @@ pub fn repair_dry_run<S: ReadAt>(image: &Image<S>, policy: InUsePolicy) -> Resul
 /// # Errors
 /// The corrupt bit; a dirty bit whose refcounts cannot be rebuilt safely; I/O errors.
 pub fn repair<S: WriteAt>(mut storage: S, policy: InUsePolicy) -> Result<(S, RepairReport)> {
+    refuse_unopenable(&Image::open(&storage)?)?;
     let mut rebuilt = Vec::new();
     rebuild_lazy_refcounts(&mut storage, &mut rebuilt)?;
     let (plan, before) = {
@@ -498,6 +500,21 @@ pub fn repair<S: WriteAt>(mut storage: S, policy: InUsePolicy) -> Result<(S, Rep
         act(&mut report.actions, None, msg);
     }
     Ok((storage, report))
+}
+
+/// An image QEMU cannot open because of its header's size fields is
+/// broken outside the bitmaps: nothing repair changes would make it open,
+/// and bitmaps judged against an absurd virtual size must not be dropped.
+fn refuse_unopenable<S: ReadAt>(image: &Image<S>) -> Result<()> {
+    use crate::error::{Error, ErrorKind};
+    match crate::read::refcheck::l1_problem(image) {
+        Some(why) => {
+            let why = why.trim_start_matches("ERROR: ");
+            let msg = format!("{why}; QEMU cannot open this image and repair leaves it untouched");
+            Err(Error::new(ErrorKind::Unsupported, "image", None, msg))
+        }
+        None => Ok(()),
+    }
 }
 
 /// Lazy refcounts left stale by a crash (dirty bit set): sets every refcount

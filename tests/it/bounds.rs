@@ -331,3 +331,49 @@ fn huge_claims_stay_within_memory_and_time_limits() {
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// A virtual size needing more than `i32::MAX` L1 entries makes QEMU refuse
+/// the image ("Image is too big", checked with qemu-img when present):
+/// `check` reports it as corruption, `repair` and `repair --dry-run` refuse
+/// with one line and leave the image byte-identical (before, repair dropped
+/// the bitmap, whose table is "too small" only for the absurd size, and
+/// exited 0).
+#[test]
+fn image_too_big_for_qemu_is_reported_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("too-big.qcow2");
+    let mut bytes = std::fs::read(fixture("one.qcow2")).unwrap();
+    bytes[24..32].copy_from_slice(&((1u64 << 63) - 512).to_be_bytes());
+    std::fs::write(&img, &bytes).unwrap();
+    let p = img.to_str().unwrap();
+    let out = run(&["check", p]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("Image is too big"),
+        "{}",
+        stdout(&out)
+    );
+    for args in [vec!["repair", p], vec!["repair", "--dry-run", p]] {
+        let out = run(&args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains("Image is too big") && err.contains("untouched"),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read(&img).unwrap(),
+            bytes,
+            "{args:?} changed the image"
+        );
+    }
+    if which("qemu-img").is_some() {
+        let q = std::process::Command::new("qemu-img")
+            .args(["info", "-U", p])
+            .output()
+            .unwrap();
+        assert!(!q.status.success());
+        assert!(String::from_utf8_lossy(&q.stderr).contains("Image is too big"));
+    }
+}
