@@ -160,7 +160,10 @@ impl<S: ReadAt> Image<S> {
             for (k, &r) in raw.iter().enumerate() {
                 if let TableEntry::Invalid(why) = TableEntry::decode(r, self.geometry()) {
                     let at = b.entry.table_offset + 8 * k as u64;
-                    let msg = format!("bitmap '{}' table entry {k}: 0x{r:016x}: {why}", b.name());
+                    let msg = format!(
+                        "bitmap '{}' table entry {k}: 0x{r:016x}: {why}",
+                        b.display_name()
+                    );
                     out.push(finding(Severity::Corruption, Some(b), Some(at), msg));
                 }
             }
@@ -202,7 +205,7 @@ impl<S: ReadAt> Image<S> {
             let byte = off + bit / 8;
             let msg = format!(
                 "bitmap '{}' has bits set past the virtual size (first at data byte {byte})",
-                b.name()
+                b.display_name()
             );
             out.push(finding(Severity::Corruption, Some(b), Some(byte), msg));
         }

@@ -708,7 +708,7 @@ impl<'a, S: ReadAt> Walker<'a, S> {
                     TableEntry::Invalid(why) => {
                         let msg = format!(
                             "bitmap '{}' table entry {k} (0x{raw:016x}): {why}",
-                            e.name_lossy()
+                            e.display_name()
                         );
                         self.corruption(msg.clone());
                         self.report.aborted = Some(msg);

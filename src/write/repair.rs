@@ -299,10 +299,11 @@ fn plan_name(
         return None;
     }
     let new = String::from_utf8_lossy(&candidate).into_owned();
+    let shown = crate::format::directory::display_name(&candidate);
     act(
         actions,
         Some(b.name()),
-        format!("rename to '{new}' (names must be unique, non-empty and without NUL bytes)"),
+        format!("rename to '{shown}' (names must be unique, non-empty and without NUL bytes)"),
     );
     Some(new)
 }
