@@ -160,11 +160,10 @@ fuzz_target!(|input: Input| {
     let mut wa = a;
     let wb = b;
     let mut sa = bits_of(&wa, wa.len() as u64 * 64);
-    let sb = bits_of(&wb, wb.len() as u64 * 64);
     for op in ops.iter().take(64) {
         match op {
             Op::Or | Op::And | Op::AndNot | Op::Xor => {
-                binary(op, &mut wa, &wb, &mut sa, &sb, &mut ba, &bb);
+                binary(op, &mut wa, &wb, &mut ma, &mb, &mut ba, &bb);
                 sa = bits_of(&wa, wa.len() as u64 * 64);
             }
             Op::Count => {

@@ -416,7 +416,7 @@ pub struct RepairReport {
 /// The plan `repair` would carry out on `image`, without writing anything.
 ///
 /// # Errors
-/// I/O errors while checking.
+/// I/O errors while checking; the refusals of [`repair`] that need no write.
 pub fn repair_dry_run<S: ReadAt>(image: &Image<S>, policy: InUsePolicy) -> Result<RepairReport> {
     let plan = plan(image, policy);
     let plan_is_empty = plan.is_empty();
@@ -434,6 +434,11 @@ pub fn repair_dry_run<S: ReadAt>(image: &Image<S>, policy: InUsePolicy) -> Resul
     }
     let dirty = image.header().incompatible_features & crate::format::incompat::DIRTY != 0;
     let walk_ok = before.refcounts.check_errors == 0 && before.refcounts.aborted.is_none();
+    // With the dirty bit set, the lazy-refcount rebuild fixes them first.
+    let rebuilt_first = dirty && walk_ok;
+    if !plan_is_empty && !rebuilt_first {
+        refuse_unsafe_rewrite(&before)?;
+    }
     // With the dirty bit set, refcount errors are what the lazy-refcount rebuild fixes.
     let outside = if dirty && walk_ok {
         0
@@ -469,7 +474,10 @@ pub fn repair_dry_run<S: ReadAt>(image: &Image<S>, policy: InUsePolicy) -> Resul
 /// Repairs the bitmaps of the image in `storage` and frees leaked clusters.
 ///
 /// # Errors
-/// The corrupt bit; a dirty bit whose refcounts cannot be rebuilt safely; I/O errors.
+/// The corrupt bit; a dirty bit whose refcounts cannot be rebuilt safely; a
+/// rewrite needed while a referenced cluster has refcount 0 or the header or
+/// a refcount cluster is also used as something else (the rewrite could
+/// overwrite it); I/O errors.
 pub fn repair<S: WriteAt>(mut storage: S, policy: InUsePolicy) -> Result<(S, RepairReport)> {
     let mut rebuilt = Vec::new();
     rebuild_lazy_refcounts(&mut storage, &mut rebuilt)?;
@@ -486,6 +494,7 @@ pub fn repair<S: WriteAt>(mut storage: S, policy: InUsePolicy) -> Result<(S, Rep
     let mut storage = if plan.is_empty() {
         storage
     } else {
+        refuse_unsafe_rewrite(&before)?;
         let mut tx = Transaction::begin_repair(storage)?;
         tx.apply_plan(&plan)?;
         tx.commit()?
@@ -571,6 +580,59 @@ fn rebuild_lazy_refcounts<S: WriteAt>(storage: &mut S, actions: &mut Vec<Action>
         bitmap: None,
         message: msg,
     });
+    Ok(())
+}
+
+/// Refuses a rewrite that would overwrite something else, before anything
+/// is written (`qemu-img check -r all` repairs these first):
+///
+/// - a cluster that something references but whose refcount is 0 looks free
+///   to the allocator, which would put the new directory or tables there
+///   (over guest data, an L2 table, a kept bitmap's table);
+/// - a header or refcount cluster that is also used as something other than
+///   a bitmap (an L2 table, guest data) would change under that other user
+///   when the header switch or the refcount updates write it.
+fn refuse_unsafe_rewrite(r: &crate::read::CheckReport) -> Result<()> {
+    use crate::error::{Error, ErrorKind};
+    use crate::read::refcheck::{FindingKind, Owner};
+    let refuse = |cluster: u64, why: String| {
+        let msg = format!(
+            "cluster {cluster} {why}, so rewriting the bitmaps could overwrite it; run `qemu-img check -r all` first"
+        );
+        Err(Error::new(ErrorKind::Unsupported, "image", None, msg))
+    };
+    let findings = &r.refcounts.findings;
+    if let Some(f) = findings
+        .iter()
+        .find(|f| f.kind == FindingKind::Error && f.refcount == 0)
+    {
+        return refuse(
+            f.cluster,
+            format!("has {} references but refcount 0", f.references),
+        );
+    }
+    let map = &r.refcounts.map;
+    let written = |o: &Owner| {
+        matches!(
+            o,
+            Owner::Header | Owner::RefcountTable | Owner::RefcountBlock
+        )
+    };
+    // Bitmap structures sharing them are what the repair drops or unshares.
+    let bitmap = |o: &Owner| {
+        matches!(
+            o,
+            Owner::BitmapTable { .. } | Owner::BitmapData { .. } | Owner::BitmapDirectory
+        )
+    };
+    let unsafe_shared = |c: u64| {
+        let owners = map.owners(c);
+        owners.iter().any(written) && owners.iter().any(|o| !written(o) && !bitmap(o))
+    };
+    if let Some(c) = map.shared().find(|&c| unsafe_shared(c)) {
+        let owners: Vec<String> = map.owners(c).iter().map(|o| format!("{o:?}")).collect();
+        return refuse(c, format!("is used as {}", owners.join(" and ")));
+    }
     Ok(())
 }
 

@@ -87,3 +87,70 @@ fn entry_problems_at_the_top_of_the_offset_range() {
         assert!(p.offset >= u64::MAX - 8, "{p:?}");
     }
 }
+
+/// repair target, crash-ad37f645: a guest data cluster with refcount 0 (a
+/// refcount error outside the bitmaps) looked free to the allocator, and the
+/// repair wrote the new bitmap directory over the guest data. Repair now
+/// refuses to rewrite while a referenced cluster has refcount 0.
+#[test]
+fn repair_refuses_when_a_referenced_cluster_has_refcount_zero() {
+    use qcow2_bitmap::read::refcheck::Owner;
+    let mut bytes = std::fs::read(fixture("corrupt/ext-reserved.qcow2")).unwrap();
+    let img = Image::open(bytes.clone()).unwrap();
+    let h = img.header().clone();
+    assert_eq!(
+        h.refcount_order, 4,
+        "the patch below writes 16-bit refcounts"
+    );
+    let report = img.check().unwrap();
+    let map = &report.refcounts.map;
+    // The last guest data (or L2) cluster: the first fit the allocator would reach.
+    let victim = (0..map.len())
+        .rev()
+        .find(|&c| {
+            map.owners(c)
+                .iter()
+                .any(|o| matches!(o, Owner::Data | Owner::L2))
+        })
+        .expect("a guest data or L2 cluster");
+    let cluster = img.geometry().cluster_size();
+    let rt = h.refcount_table_offset as usize;
+    let block = u64::from_be_bytes(bytes[rt..rt + 8].try_into().unwrap()) as usize;
+    assert!(
+        victim < cluster / 2,
+        "victim outside the first refcount block"
+    );
+    let at = block + 2 * victim as usize;
+    bytes[at..at + 2].copy_from_slice(&[0, 0]);
+
+    let img = Image::open(bytes.clone()).unwrap();
+    let e = repair::repair_dry_run(&img, InUsePolicy::Dirty).unwrap_err();
+    one_line("dry-run error", &e.to_string());
+    assert!(e.to_string().contains("refcount 0"), "{e}");
+    let e = repair::repair(bytes, InUsePolicy::Dirty).unwrap_err();
+    assert!(e.to_string().contains(&format!("cluster {victim} ")), "{e}");
+}
+
+/// repair target, crash-ad37f645 after the fix above: an L1 entry pointed at
+/// the refcount table as if it were an L2 table, so the refcount updates
+/// and header switch of the rewrite changed "guest data" mappings, and the
+/// new directory ended up mapped as guest data. Repair now refuses while a
+/// header or refcount cluster is also used as something other than a bitmap.
+#[test]
+fn repair_refuses_when_refcount_structures_are_shared() {
+    let mut bytes = std::fs::read(fixture("corrupt/ext-reserved.qcow2")).unwrap();
+    let h = Image::open(bytes.clone()).unwrap().header().clone();
+    let l1 = h.l1_table_offset as usize;
+    let entry = (1u64 << 63) | h.refcount_table_offset;
+    bytes[l1..l1 + 8].copy_from_slice(&entry.to_be_bytes());
+    let img = Image::open(bytes.clone()).unwrap();
+    let e = repair::repair_dry_run(&img, InUsePolicy::Dirty).unwrap_err();
+    one_line("dry-run error", &e.to_string());
+    assert!(
+        e.to_string()
+            .contains("cluster 1 is used as L2 and RefcountTable"),
+        "{e}"
+    );
+    let e = repair::repair(bytes, InUsePolicy::Remove).unwrap_err();
+    assert!(e.to_string().contains("could overwrite it"), "{e}");
+}
