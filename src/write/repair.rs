@@ -115,7 +115,14 @@ pub fn plan<S: ReadAt>(image: &Image<S>, policy: InUsePolicy) -> Plan {
         p.rewrite = true;
     }
     let stale = !image.bitmaps_consistent();
-    let shared = shared_owners(image);
+    let (shared, shared_directory) = shared_owners(image);
+    if let Some(c) = shared_directory {
+        let msg = format!(
+            "write the bitmap directory to new clusters: its cluster {c} is also used as something else"
+        );
+        act(&mut p.actions, None, msg);
+        p.rewrite = true;
+    }
     let mut names: Vec<Vec<u8>> = Vec::new();
     for b in image.bitmaps() {
         let mut fix = plan_entry(image, b, stale, policy, &mut p.actions);
@@ -219,13 +226,18 @@ fn has_tail_bits<S: ReadAt>(image: &Image<S>, b: &crate::read::BitmapEntry) -> b
 
 /// For each bitmap index, what else owns one of its clusters: `Some(true)`
 /// when only earlier bitmaps do (it gets its own copies), `Some(false)` when
-/// guest data or metadata does (its content cannot be trusted).
-fn shared_owners<S: ReadAt>(image: &Image<S>) -> Vec<Option<bool>> {
+/// guest data or metadata does (its content cannot be trusted). Also the
+/// first directory cluster that something else uses too.
+fn shared_owners<S: ReadAt>(image: &Image<S>) -> (Vec<Option<bool>>, Option<u64>) {
     use crate::read::refcheck::{Owner, refcount_check};
     let mut out = vec![None; image.bitmaps().len()];
     let Ok(report) = refcount_check(image) else {
-        return out;
+        return (out, None);
     };
+    let directory = report
+        .map
+        .shared()
+        .find(|&c| report.map.owners(c).contains(&Owner::BitmapDirectory));
     for c in report.map.shared() {
         let owners = report.map.owners(c);
         let bitmaps: Vec<usize> = owners
@@ -251,7 +263,7 @@ fn shared_owners<S: ReadAt>(image: &Image<S>) -> Vec<Option<bool>> {
             }
         }
     }
-    out
+    (out, directory)
 }
 
 fn plan_unshare(

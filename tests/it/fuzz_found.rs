@@ -154,3 +154,31 @@ fn repair_refuses_when_refcount_structures_are_shared() {
     let e = repair::repair(bytes, InUsePolicy::Remove).unwrap_err();
     assert!(e.to_string().contains("could overwrite it"), "{e}");
 }
+
+/// repair target, crash-9303efae: guest data pointing into the bitmap
+/// directory's cluster was reported by `check` ("shared between guest data
+/// and the bitmap directory") but repair planned nothing for it and left the
+/// image corrupt. Repair now writes the directory to new clusters.
+#[test]
+fn repair_moves_a_directory_shared_with_guest_data() {
+    use qcow2_bitmap::read::Verdict;
+    use qcow2_bitmap::read::refcheck::Owner;
+    let mut bytes = std::fs::read(fixture("corrupt/src512.qcow2")).unwrap();
+    let img = Image::open(bytes.clone()).unwrap();
+    let dir = img.bitmaps_view().extension.unwrap().0.directory_offset;
+    let map = img.check().unwrap().refcounts.map;
+    let l2 = (0..map.len())
+        .find(|&c| map.owners(c).contains(&Owner::L2))
+        .expect("an L2 table");
+    // Its last entry (unused in this small image) now maps the directory's cluster.
+    let at = ((l2 + 1) * img.geometry().cluster_size() - 8) as usize;
+    assert_eq!(&bytes[at..at + 8], &[0; 8], "last L2 entry in use");
+    bytes[at..at + 8].copy_from_slice(&((1u64 << 63) | dir).to_be_bytes());
+    let before = Image::open(bytes.clone()).unwrap().check().unwrap();
+    assert!(before.findings.iter().any(|f| f.message.contains("bitmap directory")));
+
+    let (out, report) = repair::repair(bytes, InUsePolicy::Dirty).unwrap();
+    let after = Image::open(out).unwrap().check().unwrap();
+    assert_eq!(after.verdict(), Verdict::Clean, "{:#?}\n{:#?}", report.actions, after.findings);
+    assert!(report.clean);
+}
