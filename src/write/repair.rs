@@ -126,8 +126,13 @@ pub fn plan<S: ReadAt>(image: &Image<S>, policy: InUsePolicy) -> Plan {
     let mut names: Vec<Vec<u8>> = Vec::new();
     for b in image.bitmaps() {
         let mut fix = plan_entry(image, b, stale, policy, &mut p.actions);
-        if fix == Fix::Keep {
-            fix = plan_unshare(b, &shared, &mut p.actions);
+        // Unshare loads the bitmap (dropping the tail bits) and copies every
+        // data cluster, so it also does what RewriteTail would.
+        if matches!(fix, Fix::Keep | Fix::RewriteTail) {
+            let unshare = plan_unshare(b, &shared, &mut p.actions);
+            if unshare != Fix::Keep {
+                fix = unshare;
+            }
         }
         if fix == Fix::Keep && !b.problems.is_empty() {
             act(

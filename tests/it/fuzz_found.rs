@@ -175,10 +175,58 @@ fn repair_moves_a_directory_shared_with_guest_data() {
     assert_eq!(&bytes[at..at + 8], &[0; 8], "last L2 entry in use");
     bytes[at..at + 8].copy_from_slice(&((1u64 << 63) | dir).to_be_bytes());
     let before = Image::open(bytes.clone()).unwrap().check().unwrap();
-    assert!(before.findings.iter().any(|f| f.message.contains("bitmap directory")));
+    assert!(
+        before
+            .findings
+            .iter()
+            .any(|f| f.message.contains("bitmap directory"))
+    );
 
     let (out, report) = repair::repair(bytes, InUsePolicy::Dirty).unwrap();
     let after = Image::open(out).unwrap().check().unwrap();
-    assert_eq!(after.verdict(), Verdict::Clean, "{:#?}\n{:#?}", report.actions, after.findings);
+    assert_eq!(
+        after.verdict(),
+        Verdict::Clean,
+        "{:#?}\n{:#?}",
+        report.actions,
+        after.findings
+    );
     assert!(report.clean);
+}
+
+/// repair target, crash-d89b86a9: a bitmap with bits past the virtual size
+/// whose first data cluster was also another bitmap's table got only its
+/// last cluster rewritten (RewriteTail won over Unshare), so the clusters
+/// stayed shared. Unshare (which also drops the tail bits) now wins.
+#[test]
+fn repair_unshares_a_bitmap_that_also_has_tail_bits() {
+    use qcow2_bitmap::read::Verdict;
+    let mut bytes = std::fs::read(fixture("corrupt/tail-bits.qcow2")).unwrap();
+    let img = Image::open(bytes.clone()).unwrap();
+    let healthy = img.find("healthy").unwrap().entry.table_offset;
+    let victim = img.find("victim").unwrap().entry.table_offset as usize;
+    bytes[victim..victim + 8].copy_from_slice(&healthy.to_be_bytes());
+    let before = Image::open(bytes.clone()).unwrap().check().unwrap();
+    assert!(
+        before
+            .findings
+            .iter()
+            .any(|f| f.message.contains("is shared between"))
+    );
+    assert!(
+        before
+            .findings
+            .iter()
+            .any(|f| f.message.contains("past the virtual size"))
+    );
+
+    let (out, report) = repair::repair(bytes, InUsePolicy::Dirty).unwrap();
+    let after = Image::open(out).unwrap().check().unwrap();
+    assert_eq!(
+        after.verdict(),
+        Verdict::Clean,
+        "{:#?}\n{:#?}",
+        report.actions,
+        after.findings
+    );
 }
