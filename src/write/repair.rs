@@ -606,6 +606,8 @@ fn rebuild_lazy_refcounts<S: WriteAt>(storage: &mut S, actions: &mut Vec<Action>
 /// - a cluster that something references but whose refcount is 0 looks free
 ///   to the allocator, which would put the new directory or tables there
 ///   (over guest data, an L2 table, a kept bitmap's table);
+/// - guest data or metadata pointing past the end of the file points where
+///   the allocator appends;
 /// - a header or refcount cluster that is also used as something other than
 ///   a bitmap (an L2 table, guest data) would change under that other user
 ///   when the header switch or the refcount updates write it.
@@ -629,6 +631,13 @@ fn refuse_unsafe_rewrite(r: &crate::read::CheckReport) -> Result<()> {
         );
     }
     let map = &r.refcounts.map;
+    // The allocator appends at the end of the file, where these point.
+    if let Some(off) = r.refcounts.referenced_past_eof {
+        let msg = format!(
+            "guest data or metadata points past the end of the file (offset 0x{off:x}), where rewriting the bitmaps would append; run `qemu-img check -r all` first"
+        );
+        return Err(Error::new(ErrorKind::Unsupported, "image", None, msg));
+    }
     let written = |o: &Owner| {
         matches!(
             o,

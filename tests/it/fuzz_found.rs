@@ -230,3 +230,32 @@ fn repair_unshares_a_bitmap_that_also_has_tail_bits() {
         after.findings
     );
 }
+
+/// repair target, crash-ff023255: guest data pointing just past the end of the
+/// file is not counted by the walk (as in QEMU), so nothing stopped the
+/// rewrite from appending a new bitmap table exactly there. Repair now
+/// refuses while guest data or metadata points past the end of the file.
+#[test]
+fn repair_refuses_when_guest_data_points_past_the_end() {
+    use qcow2_bitmap::read::refcheck::Owner;
+    let mut bytes = std::fs::read(fixture("corrupt/inuse-flag.qcow2")).unwrap();
+    let img = Image::open(bytes.clone()).unwrap();
+    let map = img.check().unwrap().refcounts.map;
+    let cluster = img.geometry().cluster_size();
+    let l2 = (0..map.len())
+        .find(|&c| map.owners(c).contains(&Owner::L2))
+        .expect("an L2 table");
+    let at = ((l2 + 1) * cluster - 8) as usize;
+    assert_eq!(&bytes[at..at + 8], &[0; 8], "last L2 entry in use");
+    let eof = (bytes.len() as u64).next_multiple_of(cluster);
+    bytes[at..at + 8].copy_from_slice(&((1u64 << 63) | eof).to_be_bytes());
+    let img = Image::open(bytes.clone()).unwrap();
+    assert_eq!(
+        img.check().unwrap().refcounts.referenced_past_eof,
+        Some(eof)
+    );
+    let e = repair::repair_dry_run(&img, InUsePolicy::Dirty).unwrap_err();
+    one_line("dry-run error", &e.to_string());
+    let e = repair::repair(bytes, InUsePolicy::Dirty).unwrap_err();
+    assert!(e.to_string().contains("past the end of the file"), "{e}");
+}
