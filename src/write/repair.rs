@@ -259,10 +259,12 @@ fn shared_owners<S: ReadAt>(image: &Image<S>) -> (Vec<Option<bool>>, Option<u64>
             .any(|o| !matches!(o, Owner::BitmapTable { .. } | Owner::BitmapData { .. }));
         let first = bitmaps.iter().min().copied();
         for &i in &bitmaps {
+            // A bitmap whose table is also one of its data clusters needs its own copies too.
+            let twice = bitmaps.iter().filter(|&&j| j == i).count() > 1;
             if let Some(slot) = out.get_mut(i) {
                 if foreign {
                     *slot = Some(false);
-                } else if Some(i) != first && *slot != Some(false) {
+                } else if (twice || Some(i) != first) && *slot != Some(false) {
                     *slot = Some(true);
                 }
             }

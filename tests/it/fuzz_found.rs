@@ -259,3 +259,32 @@ fn repair_refuses_when_guest_data_points_past_the_end() {
     let e = repair::repair(bytes, InUsePolicy::Dirty).unwrap_err();
     assert!(e.to_string().contains("past the end of the file"), "{e}");
 }
+
+/// repair target, crash-6b557e3b: a bitmap whose table entry pointed at its
+/// own table cluster ("shared between the table of bitmap 'healthy' and data
+/// of bitmap 'healthy'") was kept as is. It now gets its own copies.
+#[test]
+fn repair_unshares_a_table_that_is_also_its_own_data() {
+    use qcow2_bitmap::read::Verdict;
+    let mut bytes = std::fs::read(fixture("corrupt/tail-bits.qcow2")).unwrap();
+    let img = Image::open(bytes.clone()).unwrap();
+    let t = img.find("healthy").unwrap().entry.table_offset;
+    bytes[t as usize..t as usize + 8].copy_from_slice(&t.to_be_bytes());
+    let before = Image::open(bytes.clone()).unwrap().check().unwrap();
+    assert!(
+        before
+            .findings
+            .iter()
+            .any(|f| f.message.contains("data of bitmap 'healthy'"))
+    );
+
+    let (out, report) = repair::repair(bytes, InUsePolicy::Dirty).unwrap();
+    let after = Image::open(out).unwrap().check().unwrap();
+    assert_eq!(
+        after.verdict(),
+        Verdict::Clean,
+        "{:#?}\n{:#?}",
+        report.actions,
+        after.findings
+    );
+}
