@@ -88,10 +88,10 @@ fn entry_problems_at_the_top_of_the_offset_range() {
     }
 }
 
-/// repair target, crash-ad37f645: a guest data cluster with refcount 0 (a
-/// refcount error outside the bitmaps) looked free to the allocator, and the
-/// repair wrote the new bitmap directory over the guest data. Repair now
-/// refuses to rewrite while a referenced cluster has refcount 0.
+/// Added while diagnosing repair crash-ad37f645 (not a crash of its own): a
+/// referenced cluster with refcount 0 (a refcount error outside the bitmaps)
+/// looks free to the allocator, so a rewrite could put new bitmap clusters
+/// over it; repair went ahead. It now refuses while such a cluster exists.
 #[test]
 fn repair_refuses_when_a_referenced_cluster_has_refcount_zero() {
     use qcow2_bitmap::read::refcheck::Owner;
@@ -131,7 +131,7 @@ fn repair_refuses_when_a_referenced_cluster_has_refcount_zero() {
     assert!(e.to_string().contains(&format!("cluster {victim} ")), "{e}");
 }
 
-/// repair target, crash-ad37f645 after the fix above: an L1 entry pointed at
+/// repair target, crash-ad37f645: an L1 entry pointed at
 /// the refcount table as if it were an L2 table, so the refcount updates
 /// and header switch of the rewrite changed "guest data" mappings, and the
 /// new directory ended up mapped as guest data. Repair now refuses while a
