@@ -104,8 +104,11 @@ fn range(x: u16, y: u16) -> Range<u64> {
     u64::from(x)..u64::from(y)
 }
 
+/// A slice kernel and the bit operation it applies.
+type Kernel = (fn(&mut [u64], &[u64]), fn(bool, bool) -> bool);
+
 fn binary(op: &Op, wa: &mut [u64], wb: &[u64], ma: &mut [bool], mb: &[bool], ba: &mut Bitmap, bb: &Bitmap) {
-    let (kernel, f): (fn(&mut [u64], &[u64]), fn(bool, bool) -> bool) = match op {
+    let (kernel, f): Kernel = match op {
         Op::Or => (words::or_into, |x, y| x | y),
         Op::And => (words::and_into, |x, y| x & y),
         Op::AndNot => (words::andnot_into, |x, y| x & !y),
