@@ -46,7 +46,13 @@ struct Input {
 // ---- the oracle ------------------------------------------------------------
 
 fn bits_of(words: &[u64], len: u64) -> Vec<bool> {
-    (0..len).map(|i| words.get((i / 64) as usize).is_some_and(|w| w >> (i % 64) & 1 == 1)).collect()
+    (0..len)
+        .map(|i| {
+            words
+                .get((i / 64) as usize)
+                .is_some_and(|w| w >> (i % 64) & 1 == 1)
+        })
+        .collect()
 }
 
 fn clip(r: &Range<u64>, len: usize) -> Range<usize> {
@@ -91,7 +97,11 @@ fn resample_naive(bits: &[bool], src: u32, dst: u32, dst_len: u64) -> Vec<bool> 
 // ---- checks ------------------------------------------------------------------
 
 fn same(words: &[u64], model: &[bool], what: &str) {
-    assert_eq!(bits_of(words, model.len() as u64), model, "{what}: bits differ");
+    assert_eq!(
+        bits_of(words, model.len() as u64),
+        model,
+        "{what}: bits differ"
+    );
     // Bitmap invariant: nothing set past the length.
     let extra = words.len() as u64 * 64;
     assert!(
@@ -107,7 +117,15 @@ fn range(x: u16, y: u16) -> Range<u64> {
 /// A slice kernel and the bit operation it applies.
 type Kernel = (fn(&mut [u64], &[u64]), fn(bool, bool) -> bool);
 
-fn binary(op: &Op, wa: &mut [u64], wb: &[u64], ma: &mut [bool], mb: &[bool], ba: &mut Bitmap, bb: &Bitmap) {
+fn binary(
+    op: &Op,
+    wa: &mut [u64],
+    wb: &[u64],
+    ma: &mut [bool],
+    mb: &[bool],
+    ba: &mut Bitmap,
+    bb: &Bitmap,
+) {
     let (kernel, f): Kernel = match op {
         Op::Or => (words::or_into, |x, y| x | y),
         Op::And => (words::and_into, |x, y| x & y),
@@ -142,17 +160,33 @@ fn binary(op: &Op, wa: &mut [u64], wb: &[u64], ma: &mut [bool], mb: &[bool], ba:
             *x = f(*x, *y);
         }
     } else {
-        assert!(r.is_err(), "{op:?}: lengths {} and {} accepted", old.len(), bb.len());
+        assert!(
+            r.is_err(),
+            "{op:?}: lengths {} and {} accepted",
+            old.len(),
+            bb.len()
+        );
         assert_eq!(*ba, old, "{op:?}: changed on a length mismatch");
     }
 }
 
 fuzz_target!(|input: Input| {
-    let Input { mut a, mut b, len_a, len_b_same, len_b, ops } = input;
+    let Input {
+        mut a,
+        mut b,
+        len_a,
+        len_b_same,
+        len_b,
+        ops,
+    } = input;
     a.truncate(64);
     b.truncate(64);
     let len_a = u64::from(len_a) % 4200;
-    let len_b = if len_b_same { len_a } else { u64::from(len_b) % 4200 };
+    let len_b = if len_b_same {
+        len_a
+    } else {
+        u64::from(len_b) % 4200
+    };
     let mut ba = Bitmap::from_words(a.clone(), len_a);
     let mut bb = Bitmap::from_words(b.clone(), len_b);
     assert_eq!(ba.words().len(), bits::words_for(len_a));
@@ -182,13 +216,19 @@ fuzz_target!(|input: Input| {
             Op::CountRange(x, y) => {
                 let r = range(*x, *y);
                 let n = sa[clip(&r, sa.len())].iter().filter(|x| **x).count() as u64;
-                assert_eq!(words::count_ones_range(&wa, r.clone()), n, "count_ones_range {r:?}");
+                assert_eq!(
+                    words::count_ones_range(&wa, r.clone()),
+                    n,
+                    "count_ones_range {r:?}"
+                );
                 let n = ma[clip(&r, ma.len())].iter().filter(|x| **x).count() as u64;
                 assert_eq!(ba.count_ones_in(r.clone()), n, "count_ones_in {r:?}");
             }
             Op::Next(value, x, y) => {
                 let (from, end) = (u64::from(*x), u64::from(*y));
-                let want = clip(&(from..end), sa.len()).find(|&i| sa[i] == *value).map(|i| i as u64);
+                let want = clip(&(from..end), sa.len())
+                    .find(|&i| sa[i] == *value)
+                    .map(|i| i as u64);
                 let got = if *value {
                     words::next_one(&wa, from, end)
                 } else {
@@ -216,7 +256,11 @@ fuzz_target!(|input: Input| {
             Op::SetBit(i) | Op::ClearBit(i) => {
                 let set = matches!(op, Op::SetBit(_));
                 let i = u64::from(*i) % (ba.len() + 64).max(1);
-                if set { ba.set(i) } else { ba.clear(i) }
+                if set {
+                    ba.set(i)
+                } else {
+                    ba.clear(i)
+                }
                 if let Some(x) = ma.get_mut(i as usize) {
                     *x = set;
                 }
@@ -239,7 +283,10 @@ fuzz_target!(|input: Input| {
                 bytes::words_to_le_bytes(&wa, &mut out);
                 let sb = to_bytes(&sa);
                 assert_eq!(&out[..sb.len()], &sb[..], "words_to_le_bytes");
-                assert!(out[sb.len()..].iter().all(|&x| x == 0xa5), "words_to_le_bytes wrote past");
+                assert!(
+                    out[sb.len()..].iter().all(|&x| x == 0xa5),
+                    "words_to_le_bytes wrote past"
+                );
                 let mut back = vec![!0u64; wa.len() + 1];
                 bytes::le_bytes_to_words(&sb, &mut back);
                 assert_eq!(&back[..wa.len()], &wa[..], "le_bytes_to_words");
@@ -261,7 +308,11 @@ fuzz_target!(|input: Input| {
                 let n = u64::from(*n) % 4200;
                 let got = resample::resample(&ba, s, d, n);
                 assert_eq!(got.len(), n);
-                same(got.words(), &resample_naive(&ma, s, d, n), &format!("resample {s}->{d} to {n}"));
+                same(
+                    got.words(),
+                    &resample_naive(&ma, s, d, n),
+                    &format!("resample {s}->{d} to {n}"),
+                );
             }
             Op::Swap => {
                 std::mem::swap(&mut ba, &mut bb);

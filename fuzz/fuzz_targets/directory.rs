@@ -29,7 +29,11 @@ fuzz_target!(|data: &[u8]| {
     for e in &walked.entries {
         let _ = (e.name_lossy(), e.granularity(), e.in_use(), e.auto());
         for p in e.problems(geometry, size) {
-            assert!(!p.message.contains('\n'), "multi-line problem: {:?}", p.message);
+            assert!(
+                !p.message.contains('\n'),
+                "multi-line problem: {:?}",
+                p.message
+            );
         }
         consumed += e.encoded_len();
     }
@@ -40,7 +44,11 @@ fuzz_target!(|data: &[u8]| {
     let bytes = p.into_vec();
     assert_eq!(bytes.len(), consumed, "encoded directory length");
     let back = directory::walk(&bytes, offset, walked.entries.len() as u32);
-    assert!(back.problem.is_none(), "re-walk problem: {:?}", back.problem);
+    assert!(
+        back.problem.is_none(),
+        "re-walk problem: {:?}",
+        back.problem
+    );
     assert_eq!(back.entries.len(), walked.entries.len());
     for (a, b) in walked.entries.iter().zip(&back.entries) {
         let mut b = b.clone();

@@ -25,14 +25,21 @@ fuzz_target!(|data: &[u8]| {
     let mut p = Put::new();
     h.encode(&mut p);
     let bytes = p.into_vec();
-    let expected_len = if h.version >= 3 { h.header_length as usize } else { 72 };
+    let expected_len = if h.version >= 3 {
+        h.header_length as usize
+    } else {
+        72
+    };
     assert_eq!(bytes.len(), expected_len, "encoded header length");
     let again = Header::decode(&bytes).expect("re-decoding an encoded header");
     assert_eq!(again, h, "header round trip");
     let _ = (h.geometry(), h.compression_type(), h.refcount_bits());
 
     // The extension area, bounded as Image::open bounds it.
-    let (start, end) = (h.extensions_start(), h.extensions_end().min(data.len() as u64));
+    let (start, end) = (
+        h.extensions_start(),
+        h.extensions_end().min(data.len() as u64),
+    );
     let (Ok(s), Ok(e)) = (usize::try_from(start), usize::try_from(end)) else {
         return;
     };
@@ -61,7 +68,11 @@ fuzz_target!(|data: &[u8]| {
     }
 
     // The bitmaps extension body, when there is one.
-    for x in area.extensions.iter().filter(|x| x.kind == ext_type::BITMAPS) {
+    for x in area
+        .extensions
+        .iter()
+        .filter(|x| x.kind == ext_type::BITMAPS)
+    {
         let b = match BitmapsExt::decode(&x.data, x.offset + 8) {
             Ok(b) => b,
             Err(e) => return one_line(&e),
@@ -71,7 +82,8 @@ fuzz_target!(|data: &[u8]| {
         }
         let mut p = Put::new();
         b.encode(&mut p);
-        let again = BitmapsExt::decode(&p.into_vec(), x.offset + 8).expect("bitmaps ext round trip");
+        let again =
+            BitmapsExt::decode(&p.into_vec(), x.offset + 8).expect("bitmaps ext round trip");
         assert_eq!(again, b);
     }
 });

@@ -30,7 +30,12 @@ fn failed<T>(e: &qcow2_bitmap::Error) -> Option<T> {
 }
 
 /// The extents of `b` in `range`, or `None` when iteration failed or was cut short.
-fn extents(img: &Image<Vec<u8>>, b: &BitmapEntry, range: Option<(u64, u64)>, force: bool) -> Option<Vec<Extent>> {
+fn extents(
+    img: &Image<Vec<u8>>,
+    b: &BitmapEntry,
+    range: Option<(u64, u64)>,
+    force: bool,
+) -> Option<Vec<Extent>> {
     let (lo, hi) = match img.check_range(range) {
         Ok(r) => r,
         Err(e) => return failed(&e),
@@ -46,9 +51,15 @@ fn extents(img: &Image<Vec<u8>>, b: &BitmapEntry, range: Option<(u64, u64)>, for
             Err(e) => return failed(&e),
         };
         assert!(e.length > 0, "empty extent {e:?}");
-        assert!(e.offset >= lo && e.offset.checked_add(e.length).is_some_and(|end| end <= hi), "extent {e:?} outside {lo}..{hi}");
+        assert!(
+            e.offset >= lo && e.offset.checked_add(e.length).is_some_and(|end| end <= hi),
+            "extent {e:?} outside {lo}..{hi}"
+        );
         if let Some(prev) = out.last() {
-            assert!(prev.end() < e.offset, "extents {prev:?} and {e:?} not increasing and apart");
+            assert!(
+                prev.end() < e.offset,
+                "extents {prev:?} and {e:?} not increasing and apart"
+            );
         }
         out.push(e);
     }
@@ -58,7 +69,11 @@ fn extents(img: &Image<Vec<u8>>, b: &BitmapEntry, range: Option<(u64, u64)>, for
 fn bitmap(img: &Image<Vec<u8>>, b: &BitmapEntry) {
     // info: status (+ density from the extents), dump: raw table, hash: sha256.
     let status = img.status(b);
-    assert_eq!(status.state == BitmapState::Ok, status.problem.is_none(), "{status:?}");
+    assert_eq!(
+        status.state == BitmapState::Ok,
+        status.problem.is_none(),
+        "{status:?}"
+    );
     let _ = (b.name(), b.granularity(), b.unusable_problem());
     match img.find(&b.name()) {
         Ok(found) => assert_eq!(found.entry.name, b.entry.name),
@@ -84,7 +99,9 @@ fn bitmap(img: &Image<Vec<u8>>, b: &BitmapEntry) {
             Ok(d) => assert_eq!(hex(&d).len(), 64),
             Err(e) => one_line(&e),
         }
-        let Some(all) = extents(img, b, None, force) else { continue };
+        let Some(all) = extents(img, b, None, force) else {
+            continue;
+        };
         if !force && let Some(dirty) = status.dirty_bytes {
             let sum: u64 = all.iter().map(|e| e.length).sum();
             assert_eq!(sum, dirty, "extents add up to {sum}, status says {dirty}");
@@ -98,10 +115,16 @@ fn bitmap(img: &Image<Vec<u8>>, b: &BitmapEntry) {
                 .filter(|e| e.end() > lo && e.offset < hi)
                 .map(|e| {
                     let (s, t) = (e.offset.max(lo), e.end().min(hi));
-                    Extent { offset: s, length: t - s }
+                    Extent {
+                        offset: s,
+                        length: t - s,
+                    }
                 })
                 .collect();
-            assert_eq!(part, clipped, "extents of {lo}..{hi} differ from the clipped whole");
+            assert_eq!(
+                part, clipped,
+                "extents of {lo}..{hi} differ from the clipped whole"
+            );
         }
         // The loaded bitmap's runs are the extents.
         let Ok(t) = img.table(b) else { continue };
@@ -116,7 +139,10 @@ fn bitmap(img: &Image<Vec<u8>>, b: &BitmapEntry) {
                     .filter_map(|r| {
                         let s = r.start.checked_shl(g)?;
                         let e = r.end.checked_shl(g).unwrap_or(u64::MAX).min(size);
-                        (s < e).then(|| Extent { offset: s, length: e - s })
+                        (s < e).then(|| Extent {
+                            offset: s,
+                            length: e - s,
+                        })
                     })
                     .collect();
                 assert_eq!(all, runs, "extents differ from the loaded bitmap's runs");
@@ -133,8 +159,16 @@ fuzz_target!(|data: &[u8]| {
     };
     // info / dump: header, extensions, the bitmaps view.
     let h = img.header();
-    let _ = (h.refcount_bits(), h.compression_type(), img.geometry().cluster_size());
-    let _ = (img.bitmaps_consistent(), img.end_marker(), img.virtual_size());
+    let _ = (
+        h.refcount_bits(),
+        h.compression_type(),
+        img.geometry().cluster_size(),
+    );
+    let _ = (
+        img.bitmaps_consistent(),
+        img.end_marker(),
+        img.virtual_size(),
+    );
     for x in img.extensions() {
         let _ = x.kind_name();
     }
@@ -150,7 +184,11 @@ fuzz_target!(|data: &[u8]| {
             let v = r.verdict();
             let _ = v.exit_code();
             for f in &r.findings {
-                assert!(!f.message.contains('\n'), "multi-line finding: {:?}", f.message);
+                assert!(
+                    !f.message.contains('\n'),
+                    "multi-line finding: {:?}",
+                    f.message
+                );
             }
             let _ = (r.count(Severity::Leak), r.refcounts.image_end_offset);
         }

@@ -35,19 +35,46 @@ fn run(data: &[u8], policy: InUsePolicy) {
     };
     let img = match Image::open(out) {
         Ok(img) => img,
-        Err(e) => panic!("{policy:?}: repaired image does not open: {e}\nactions: {:#?}", report.actions),
+        Err(e) => panic!(
+            "{policy:?}: repaired image does not open: {e}\nactions: {:#?}",
+            report.actions
+        ),
     };
     let after = match img.check() {
         Ok(r) => r,
         Err(e) => panic!("{policy:?}: check after repair failed: {e}"),
     };
     let verdict = after.verdict();
-    let why = || format!("{policy:?}: verdict {verdict:?}\nactions: {:#?}\nfindings: {:#?}", report.actions, after.findings);
-    assert_eq!(report.clean, verdict == Verdict::Clean, "report.clean disagrees with check: {}", why());
-    assert!(!after.bitmap_corruption, "bitmap corruption after repair: {}", why());
-    assert_eq!(after.count(Severity::Unusable), 0, "unusable bitmaps after repair: {}", why());
+    let why = || {
+        format!(
+            "{policy:?}: verdict {verdict:?}\nactions: {:#?}\nfindings: {:#?}",
+            report.actions, after.findings
+        )
+    };
+    assert_eq!(
+        report.clean,
+        verdict == Verdict::Clean,
+        "report.clean disagrees with check: {}",
+        why()
+    );
+    assert!(
+        !after.bitmap_corruption,
+        "bitmap corruption after repair: {}",
+        why()
+    );
+    assert_eq!(
+        after.count(Severity::Unusable),
+        0,
+        "unusable bitmaps after repair: {}",
+        why()
+    );
     let second = repair::plan(&img, policy);
-    assert!(second.is_empty(), "a second repair would still do {:#?}\n{}", second.actions, why());
+    assert!(
+        second.is_empty(),
+        "a second repair would still do {:#?}\n{}",
+        second.actions,
+        why()
+    );
     // What is left must have been there before: repair fixes the bitmaps
     // and frees leaks, and leaves other corruption (L1/L2 tables, refcount
     // errors outside the bitmaps) to `qemu-img check -r all`, reporting
@@ -61,8 +88,17 @@ fn run(data: &[u8], policy: InUsePolicy) {
         // reveal one the input already had (an L2 entry without the copied
         // flag whose cluster's refcount drops to 1), as `qemu-img check -r
         // leaks` would.
-        for f in after.findings.iter().filter(|f| !f.message.starts_with("ERROR OFLAG_COPIED")) {
-            assert!(before.contains(&f.message), "repair introduced {:?}\n{}", f.message, why());
+        for f in after
+            .findings
+            .iter()
+            .filter(|f| !f.message.starts_with("ERROR OFLAG_COPIED"))
+        {
+            assert!(
+                before.contains(&f.message),
+                "repair introduced {:?}\n{}",
+                f.message,
+                why()
+            );
         }
     }
 }
