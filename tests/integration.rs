@@ -2,6 +2,7 @@
 //!
 //! - `fixtures`: every committed fixture against the records QEMU made (no QEMU needed).
 //! - `cli`: the command-line contract on fixtures (exit codes, one-line errors, JSON shapes).
+//! - `fuzz_found`: one regression per finding of the cargo-fuzz targets in `fuzz/`.
 //! - `live`: images generated now with QEMU tools, compared with QEMU's answers
 //!   (skipped with a visible message when QEMU is missing, unless
 //!   `QCOW2_BITMAP_REQUIRE_QEMU=1`, which `.ci/run` sets).
@@ -44,3 +45,6 @@ mod bounds;
 
 #[path = "it/kill.rs"]
 mod kill;
+
+#[path = "it/fuzz_found.rs"]
+mod fuzz_found;

@@ -79,9 +79,14 @@ impl DirEntry {
         (ENTRY_HEADER_LEN + self.extra_data.len() + self.name.len()).next_multiple_of(8)
     }
 
-    /// The name for display: lossy UTF-8.
+    /// The name as lossy UTF-8 (the data field of reports and JSON).
     pub fn name_lossy(&self) -> String {
         String::from_utf8_lossy(&self.name).into_owned()
+    }
+
+    /// The name for messages: see [`display_name`].
+    pub fn display_name(&self) -> String {
+        display_name(&self.name)
     }
 
     /// Granularity in bytes (`None` when granularity_bits ≥ 64).
@@ -126,7 +131,7 @@ impl DirEntry {
     fn push(&self, out: &mut Vec<Problem>, severity: Severity, at: u64, message: String) {
         out.push(Problem {
             severity,
-            offset: self.offset + at,
+            offset: self.offset.saturating_add(at),
             message,
         });
     }
@@ -250,6 +255,21 @@ impl DirEntry {
     }
 }
 
+/// A bitmap name for display: lossy UTF-8 with control characters escaped
+/// (`\n`, `\u{0}`), so that every message naming a bitmap stays on one line
+/// whatever bytes the file holds.
+pub fn display_name(raw: &[u8]) -> String {
+    let mut out = String::with_capacity(raw.len());
+    for c in String::from_utf8_lossy(raw).chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// A walked directory: the entries found plus, when the walk had to stop
 /// early or the count disagrees, the reason.
 #[derive(Debug)]
@@ -362,6 +382,15 @@ mod tests {
 
     fn g64k() -> Geometry {
         Geometry::new(16).unwrap()
+    }
+
+    #[test]
+    fn display_name_escapes_control_characters() {
+        let mut e = entry("a\nb\u{1b}c");
+        e.name.extend([0, 0xff]);
+        assert_eq!(e.display_name(), "a\\nb\\u{1b}c\\u{0}\u{fffd}");
+        assert_eq!(e.name_lossy(), "a\nb\u{1b}c\0\u{fffd}");
+        assert_eq!(entry("ckpt-1 é").display_name(), "ckpt-1 é");
     }
 
     #[test]

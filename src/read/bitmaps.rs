@@ -55,6 +55,11 @@ impl BitmapEntry {
         self.entry.name_lossy()
     }
 
+    /// The name for messages: control characters escaped, one line.
+    pub fn display_name(&self) -> String {
+        self.entry.display_name()
+    }
+
     /// Granularity in bytes (0 when granularity_bits is absurd).
     pub fn granularity(&self) -> u64 {
         self.entry.granularity().unwrap_or(0)
@@ -133,7 +138,7 @@ pub(super) fn classify<S: ReadAt>(entries: Vec<DirEntry>, image: &Image<S>) -> V
         if !seen.insert(entry.name.clone()) && !entry.name.is_empty() {
             let msg = format!(
                 "duplicate name '{}' (an earlier entry has it)",
-                entry.name_lossy()
+                entry.display_name()
             );
             problems.push(Problem {
                 severity: Severity::Unusable,
@@ -178,7 +183,7 @@ impl<S: ReadAt> Image<S> {
     /// `Corrupt` naming the entry index, its offset and what is wrong.
     pub fn table(&self, b: &BitmapEntry) -> Result<Table> {
         let e = &b.entry;
-        let what = format!("bitmap '{}'", b.name());
+        let what = format!("bitmap '{}'", b.display_name());
         if let Some(p) = b.problems.iter().find(|p| p.severity == Severity::Unusable) {
             return Err(Error::corrupt(
                 format!("{what} directory entry"),
@@ -293,7 +298,7 @@ impl<S: ReadAt> Image<S> {
         };
         Err(Error::new(
             ErrorKind::Untrusted,
-            format!("bitmap '{}'", b.name()),
+            format!("bitmap '{}'", b.display_name()),
             offset,
             format!("{why}; use --force to read it anyway"),
         ))
@@ -524,7 +529,7 @@ impl<S: ReadAt> Image<S> {
                 self.storage.len()
             );
             return Err(Error::corrupt(
-                format!("bitmap '{}' directory entry", b.name()),
+                format!("bitmap '{}' directory entry", b.display_name()),
                 e.offset,
                 msg,
             ));
@@ -535,7 +540,7 @@ impl<S: ReadAt> Image<S> {
             .read_at(e.table_offset, len as usize, &mut scratch)
             .map_err(|err| {
                 Error::io(
-                    format!("bitmap '{}' table", b.name()),
+                    format!("bitmap '{}' table", b.display_name()),
                     Some(e.table_offset),
                     err,
                 )

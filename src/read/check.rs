@@ -5,6 +5,7 @@ use super::Image;
 use super::lint::{Finding, Severity};
 use super::refcheck::{self, FindingKind, Owner, RefcountReport};
 use crate::error::Result;
+use crate::format::directory::display_name;
 use crate::storage::ReadAt;
 
 /// Everything `check` found.
@@ -96,7 +97,7 @@ impl<S: ReadAt> Image<S> {
                 .any(|k| k.contains(m) || m.contains(k.as_str()))
                 || flagged
                     .iter()
-                    .any(|b| m.starts_with(&format!("bitmap '{b}'")))
+                    .any(|b| m.starts_with(&format!("bitmap '{}'", display_name(b.as_bytes()))))
         };
         let mut walk_messages: Vec<&String> =
             refcounts.diagnostics.iter().map(|d| &d.message).collect();
@@ -143,9 +144,10 @@ impl<S: ReadAt> Image<S> {
 
 fn owner_name(o: &Owner, names: &[String]) -> String {
     let bitmap = |i: &u32| {
-        names
-            .get(*i as usize)
-            .map_or_else(|| format!("#{i}"), |n| format!("'{n}'"))
+        names.get(*i as usize).map_or_else(
+            || format!("#{i}"),
+            |n| format!("'{}'", display_name(n.as_bytes())),
+        )
     };
     match o {
         Owner::BitmapTable { bitmap: i } => format!("the table of bitmap {}", bitmap(i)),

@@ -166,7 +166,7 @@ impl<S: ReadAt> Image<S> {
     /// Table rules: QEMU's `check` reads every table, in-use ones included.
     /// Each distinct table is read once, however many entries name it.
     fn lint_table(&self, b: &BitmapEntry, memo: &mut Tables, out: &mut Vec<Finding>) {
-        let what = format!("bitmap '{}'", b.name());
+        let what = format!("bitmap '{}'", b.display_name());
         if b.entry.in_use() {
             // An in-use entry may carry a stale size; its entries must still be valid.
             let key = (b.entry.table_offset, b.entry.table_size);

@@ -277,6 +277,9 @@ pub struct RefcountReport {
     pub bitmap_names: Vec<String>,
     /// Expected references and owners of every cluster.
     pub map: RefMap,
+    /// The first offset past the end of the file that something other than
+    /// a bitmap points at (not counted, as in QEMU; where new clusters go).
+    pub referenced_past_eof: Option<u64>,
 }
 
 impl RefcountReport {
@@ -514,6 +517,13 @@ impl<'a, S: ReadAt> Walker<'a, S> {
         let end = u128::from(offset) + u128::from(size);
         let file_len = u128::from(self.image.storage().len());
         if end >= file_len + u128::from(self.g.cluster_size()) {
+            let bitmap = matches!(
+                owner,
+                Owner::BitmapTable { .. } | Owner::BitmapData { .. } | Owner::BitmapDirectory
+            );
+            if !bitmap {
+                self.report.referenced_past_eof.get_or_insert(offset);
+            }
             self.corruptions(n, format!(
                 "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x{offset:x} size 0x{size:x}"
             ));
@@ -829,7 +839,7 @@ impl<'a, S: ReadAt> Walker<'a, S> {
             if let Some((k, raw, why)) = &refs.invalid {
                 let msg = format!(
                     "bitmap '{}' table entry {k} (0x{raw:016x}): {why}",
-                    e.name_lossy()
+                    e.display_name()
                 );
                 self.corruption(msg.clone());
                 self.report.aborted = Some(msg);

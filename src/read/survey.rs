@@ -323,5 +323,5 @@ fn table_key(b: &BitmapEntry) -> TableKey {
 }
 
 fn bitmap_what(b: &BitmapEntry) -> String {
-    format!("bitmap '{}'", b.name())
+    format!("bitmap '{}'", b.display_name())
 }

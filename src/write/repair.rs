@@ -115,12 +115,24 @@ pub fn plan<S: ReadAt>(image: &Image<S>, policy: InUsePolicy) -> Plan {
         p.rewrite = true;
     }
     let stale = !image.bitmaps_consistent();
-    let shared = shared_owners(image);
+    let (shared, shared_directory) = shared_owners(image);
+    if let Some(c) = shared_directory {
+        let msg = format!(
+            "write the bitmap directory to new clusters: its cluster {c} is also used as something else"
+        );
+        act(&mut p.actions, None, msg);
+        p.rewrite = true;
+    }
     let mut names: Vec<Vec<u8>> = Vec::new();
     for b in image.bitmaps() {
         let mut fix = plan_entry(image, b, stale, policy, &mut p.actions);
-        if fix == Fix::Keep {
-            fix = plan_unshare(b, &shared, &mut p.actions);
+        // Unshare loads the bitmap (dropping the tail bits) and copies every
+        // data cluster, so it also does what RewriteTail would.
+        if matches!(fix, Fix::Keep | Fix::RewriteTail) {
+            let unshare = plan_unshare(b, &shared, &mut p.actions);
+            if unshare != Fix::Keep {
+                fix = unshare;
+            }
         }
         if fix == Fix::Keep && !b.problems.is_empty() {
             act(
@@ -219,13 +231,18 @@ fn has_tail_bits<S: ReadAt>(image: &Image<S>, b: &crate::read::BitmapEntry) -> b
 
 /// For each bitmap index, what else owns one of its clusters: `Some(true)`
 /// when only earlier bitmaps do (it gets its own copies), `Some(false)` when
-/// guest data or metadata does (its content cannot be trusted).
-fn shared_owners<S: ReadAt>(image: &Image<S>) -> Vec<Option<bool>> {
+/// guest data or metadata does (its content cannot be trusted). Also the
+/// first directory cluster that something else uses too.
+fn shared_owners<S: ReadAt>(image: &Image<S>) -> (Vec<Option<bool>>, Option<u64>) {
     use crate::read::refcheck::{Owner, refcount_check};
     let mut out = vec![None; image.bitmaps().len()];
     let Ok(report) = refcount_check(image) else {
-        return out;
+        return (out, None);
     };
+    let directory = report
+        .map
+        .shared()
+        .find(|&c| report.map.owners(c).contains(&Owner::BitmapDirectory));
     for c in report.map.shared() {
         let owners = report.map.owners(c);
         let bitmaps: Vec<usize> = owners
@@ -242,16 +259,18 @@ fn shared_owners<S: ReadAt>(image: &Image<S>) -> Vec<Option<bool>> {
             .any(|o| !matches!(o, Owner::BitmapTable { .. } | Owner::BitmapData { .. }));
         let first = bitmaps.iter().min().copied();
         for &i in &bitmaps {
+            // A bitmap whose table is also one of its data clusters needs its own copies too.
+            let twice = bitmaps.iter().filter(|&&j| j == i).count() > 1;
             if let Some(slot) = out.get_mut(i) {
                 if foreign {
                     *slot = Some(false);
-                } else if Some(i) != first && *slot != Some(false) {
+                } else if (twice || Some(i) != first) && *slot != Some(false) {
                     *slot = Some(true);
                 }
             }
         }
     }
-    out
+    (out, directory)
 }
 
 fn plan_unshare(
@@ -299,10 +318,11 @@ fn plan_name(
         return None;
     }
     let new = String::from_utf8_lossy(&candidate).into_owned();
+    let shown = crate::format::directory::display_name(&candidate);
     act(
         actions,
         Some(b.name()),
-        format!("rename to '{new}' (names must be unique, non-empty and without NUL bytes)"),
+        format!("rename to '{shown}' (names must be unique, non-empty and without NUL bytes)"),
     );
     Some(new)
 }
@@ -414,7 +434,7 @@ pub struct RepairReport {
 /// The plan `repair` would carry out on `image`, without writing anything.
 ///
 /// # Errors
-/// I/O errors while checking.
+/// I/O errors while checking; the refusals of [`repair`] that need no write.
 pub fn repair_dry_run<S: ReadAt>(image: &Image<S>, policy: InUsePolicy) -> Result<RepairReport> {
     refuse_unopenable(image)?;
     let plan = plan(image, policy);
@@ -433,6 +453,11 @@ pub fn repair_dry_run<S: ReadAt>(image: &Image<S>, policy: InUsePolicy) -> Resul
     }
     let dirty = image.header().incompatible_features & crate::format::incompat::DIRTY != 0;
     let walk_ok = before.refcounts.check_errors == 0 && before.refcounts.aborted.is_none();
+    // With the dirty bit set, the lazy-refcount rebuild fixes them first.
+    let rebuilt_first = dirty && walk_ok;
+    if !plan_is_empty && !rebuilt_first {
+        refuse_unsafe_rewrite(&before)?;
+    }
     // With the dirty bit set, refcount errors are what the lazy-refcount rebuild fixes.
     let outside = if dirty && walk_ok {
         0
@@ -468,7 +493,10 @@ pub fn repair_dry_run<S: ReadAt>(image: &Image<S>, policy: InUsePolicy) -> Resul
 /// Repairs the bitmaps of the image in `storage` and frees leaked clusters.
 ///
 /// # Errors
-/// The corrupt bit; a dirty bit whose refcounts cannot be rebuilt safely; I/O errors.
+/// The corrupt bit; a dirty bit whose refcounts cannot be rebuilt safely; a
+/// rewrite needed while a referenced cluster has refcount 0 or the header or
+/// a refcount cluster is also used as something else (the rewrite could
+/// overwrite it); I/O errors.
 pub fn repair<S: WriteAt>(mut storage: S, policy: InUsePolicy) -> Result<(S, RepairReport)> {
     refuse_unopenable(&Image::open(&storage)?)?;
     let mut rebuilt = Vec::new();
@@ -486,6 +514,7 @@ pub fn repair<S: WriteAt>(mut storage: S, policy: InUsePolicy) -> Result<(S, Rep
     let mut storage = if plan.is_empty() {
         storage
     } else {
+        refuse_unsafe_rewrite(&before)?;
         let mut tx = Transaction::begin_repair(storage)?;
         tx.apply_plan(&plan)?;
         tx.commit()?
@@ -586,6 +615,68 @@ fn rebuild_lazy_refcounts<S: WriteAt>(storage: &mut S, actions: &mut Vec<Action>
         bitmap: None,
         message: msg,
     });
+    Ok(())
+}
+
+/// Refuses a rewrite that would overwrite something else, before anything
+/// is written (`qemu-img check -r all` repairs these first):
+///
+/// - a cluster that something references but whose refcount is 0 looks free
+///   to the allocator, which would put the new directory or tables there
+///   (over guest data, an L2 table, a kept bitmap's table);
+/// - guest data or metadata pointing past the end of the file points where
+///   the allocator appends;
+/// - a header or refcount cluster that is also used as something other than
+///   a bitmap (an L2 table, guest data) would change under that other user
+///   when the header switch or the refcount updates write it.
+fn refuse_unsafe_rewrite(r: &crate::read::CheckReport) -> Result<()> {
+    use crate::error::{Error, ErrorKind};
+    use crate::read::refcheck::{FindingKind, Owner};
+    let refuse = |cluster: u64, why: String| {
+        let msg = format!(
+            "cluster {cluster} {why}, so rewriting the bitmaps could overwrite it; run `qemu-img check -r all` first"
+        );
+        Err(Error::new(ErrorKind::Unsupported, "image", None, msg))
+    };
+    let findings = &r.refcounts.findings;
+    if let Some(f) = findings
+        .iter()
+        .find(|f| f.kind == FindingKind::Error && f.refcount == 0)
+    {
+        return refuse(
+            f.cluster,
+            format!("has {} references but refcount 0", f.references),
+        );
+    }
+    let map = &r.refcounts.map;
+    // The allocator appends at the end of the file, where these point.
+    if let Some(off) = r.refcounts.referenced_past_eof {
+        let msg = format!(
+            "guest data or metadata points past the end of the file (offset 0x{off:x}), where rewriting the bitmaps would append; run `qemu-img check -r all` first"
+        );
+        return Err(Error::new(ErrorKind::Unsupported, "image", None, msg));
+    }
+    let written = |o: &Owner| {
+        matches!(
+            o,
+            Owner::Header | Owner::RefcountTable | Owner::RefcountBlock
+        )
+    };
+    // Bitmap structures sharing them are what the repair drops or unshares.
+    let bitmap = |o: &Owner| {
+        matches!(
+            o,
+            Owner::BitmapTable { .. } | Owner::BitmapData { .. } | Owner::BitmapDirectory
+        )
+    };
+    let unsafe_shared = |c: u64| {
+        let owners = map.owners(c);
+        owners.iter().any(written) && owners.iter().any(|o| !written(o) && !bitmap(o))
+    };
+    if let Some(c) = map.shared().find(|&c| unsafe_shared(c)) {
+        let owners: Vec<String> = map.owners(c).iter().map(|o| format!("{o:?}")).collect();
+        return refuse(c, format!("is used as {}", owners.join(" and ")));
+    }
     Ok(())
 }
 
