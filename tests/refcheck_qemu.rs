@@ -578,6 +578,34 @@ fn snapshot_tables_data_files_and_shared_bitmap_clusters() {
     big[at..at + 4].copy_from_slice(&0x0100_0000u32.to_be_bytes());
     std::fs::write(s.path("snbig.qcow2"), big).unwrap();
     agree(&s.path("snbig.qcow2"), &[]);
+    // 400 snapshots naming one L1 table (with a corrupt entry): counted as
+    // QEMU counts them, one walk per snapshot, though we walk it once.
+    s.run(
+        "qemu-img create -q -f qcow2 -o cluster_size=4k many.qcow2 8M
+           qemu-io -f qcow2 -c 'write -P 1 0 64k' many.qcow2 >/dev/null
+           qemu-img snapshot -c a many.qcow2",
+    );
+    let mut bytes = std::fs::read(s.path("many.qcow2")).unwrap();
+    let h = Header::decode(&bytes).unwrap();
+    let first = h.snapshots_offset as usize;
+    let fixed = qcow2_bitmap::format::l2::SnapshotHeader::decode(&bytes[first..]).unwrap();
+    let unpadded = fixed.unpadded_len() as usize;
+    let mut entry = bytes[first..first + unpadded].to_vec();
+    entry.resize(unpadded.next_multiple_of(8), 0);
+    let l1 = fixed.l1_table_offset as usize;
+    let l1e = read_u64(&bytes, l1);
+    bytes[l1..l1 + 8].copy_from_slice(&(l1e | 0x100).to_be_bytes()); // reserved bit
+    let table_at = bytes.len().next_multiple_of(4096);
+    bytes.resize(table_at, 0);
+    for _ in 0..400 {
+        bytes.extend_from_slice(&entry);
+    }
+    bytes.resize(bytes.len().next_multiple_of(4096), 0);
+    bytes[60..64].copy_from_slice(&400u32.to_be_bytes());
+    bytes[64..72].copy_from_slice(&(table_at as u64).to_be_bytes());
+    std::fs::write(s.path("many.qcow2"), bytes).unwrap();
+    let r = agree(&s.path("many.qcow2"), &[]);
+    assert!(r.corruptions >= 400, "{}", r.corruptions);
     // An external data file: guest data is not counted.
     s.run(
         "qemu-img create -q -f qcow2 -o data_file=\"$PWD/d.raw\",cluster_size=4k df.qcow2 8M

@@ -432,6 +432,9 @@ struct TableRefs {
 
 struct Walker<'a, S> {
     image: &'a Image<S>,
+    /// How many identical owners the structure being walked stands for
+    /// (snapshots sharing one L1 table): every count is multiplied by it.
+    times: u64,
     /// One cluster, reused for every L2 table.
     l2_buf: Vec<u8>,
     /// Active L1 indices whose L2 table maps at least one host cluster.
@@ -460,6 +463,7 @@ impl<'a, S: ReadAt> Walker<'a, S> {
         };
         Ok(Walker {
             image,
+            times: 1,
             l2_buf: vec![0; g.cluster_len()],
             l2_with_host_clusters: Vec::new(),
             g,
@@ -477,7 +481,7 @@ impl<'a, S: ReadAt> Walker<'a, S> {
     /// Counts `n` corruptions; keeps `message` once, and only while fewer
     /// than [`MAX_DIAGNOSTICS`] are kept (the counts stay exact).
     fn corruptions(&mut self, n: u64, message: String) {
-        self.report.corruptions += n;
+        self.report.corruptions += n.saturating_mul(self.times);
         self.diagnostic(Severity::Corruption, message);
     }
 
@@ -496,7 +500,7 @@ impl<'a, S: ReadAt> Walker<'a, S> {
     }
 
     fn check_error(&mut self, message: String) {
-        self.report.check_errors += 1;
+        self.report.check_errors += self.times;
         self.diagnostic(Severity::CheckError, message);
     }
 
@@ -514,6 +518,14 @@ impl<'a, S: ReadAt> Walker<'a, S> {
         if size == 0 || n == 0 {
             return;
         }
+        let n = n.saturating_mul(self.times);
+        // The corruptions below are counted per reference already.
+        let times = std::mem::replace(&mut self.times, 1);
+        self.inc_counted(offset, size, owner, n);
+        self.times = times;
+    }
+
+    fn inc_counted(&mut self, offset: u64, size: u64, owner: Owner, n: u64) {
         let end = u128::from(offset) + u128::from(size);
         let file_len = u128::from(self.image.storage().len());
         if end >= file_len + u128::from(self.g.cluster_size()) {
@@ -751,6 +763,12 @@ impl<'a, S: ReadAt> Walker<'a, S> {
             }
             l1s.push((i, sn));
         }
+        // Snapshots naming the same L1 table are walked once, counted as
+        // many times as they are: a snapshot table of thousands of entries
+        // sharing one L1 costs one walk (the counts are those of one walk
+        // per snapshot, as `qemu-img check` makes).
+        let mut groups: Vec<((u64, u32), u64)> = Vec::new();
+        let mut group_of: HashMap<(u64, u32), usize> = HashMap::new();
         for (i, sn) in l1s {
             if !self.g.is_aligned(sn.l1_table_offset) {
                 self.corruption(format!(
@@ -766,7 +784,20 @@ impl<'a, S: ReadAt> Walker<'a, S> {
                 ));
                 continue;
             }
-            self.check_l1(sn.l1_table_offset, sn.l1_size, false)?;
+            let key = (sn.l1_table_offset, sn.l1_size);
+            let g = *group_of.entry(key).or_insert_with(|| {
+                groups.push((key, 0));
+                groups.len() - 1
+            });
+            if let Some(group) = groups.get_mut(g) {
+                group.1 += 1;
+            }
+        }
+        for ((offset, size), times) in groups {
+            self.times = times;
+            let walked = self.check_l1(offset, size, false);
+            self.times = 1;
+            walked?;
         }
         self.inc(
             h.snapshots_offset,
