@@ -87,7 +87,7 @@ fn write_check(out: &mut impl Write, r: &CheckReport) -> io::Result<()> {
             .bitmap
             .as_ref()
             .filter(|_| !f.message.starts_with("bitmap '"))
-            .map(|b| format!("bitmap '{b}': "))
+            .map(|b| format!("bitmap '{}': ", super::output::shown(b)))
             .unwrap_or_default();
         let at = f
             .offset
@@ -192,7 +192,7 @@ fn write_repair(out: &mut impl Write, r: &RepairReport, dry_run: bool) -> io::Re
         let who = a
             .bitmap
             .as_ref()
-            .map(|b| format!("bitmap '{b}': "))
+            .map(|b| format!("bitmap '{}': ", super::output::shown(b)))
             .unwrap_or_default();
         writeln!(
             out,

@@ -164,11 +164,17 @@ pub fn write_info<S: ReadAt>(
     write_density(out, doc)
 }
 
+/// A bitmap name for the human output: control characters escaped, so a
+/// hostile name cannot break lines or forge output (JSON keeps it raw).
+pub fn shown(name: &str) -> String {
+    qcow2_bitmap::format::directory::display_name(name.as_bytes())
+}
+
 fn write_bitmap_table(out: &mut impl Write, doc: &InfoDoc) -> io::Result<()> {
     let width = doc
         .bitmaps
         .iter()
-        .map(|b| b.name.chars().count())
+        .map(|b| shown(&b.name).chars().count())
         .max()
         .unwrap_or(4)
         .max(4);
@@ -191,7 +197,8 @@ fn write_bitmap_table(out: &mut impl Write, doc: &InfoDoc) -> io::Result<()> {
         writeln!(
             out,
             "{:<width$}  {gran:>11}  {flags:<12}  {dirty:>22}  {}",
-            b.name, b.state
+            shown(&b.name),
+            b.state
         )?;
         if let Some(p) = &b.problem {
             writeln!(out, "{:<width$}  -> {p}", "")?;
@@ -226,7 +233,7 @@ fn write_density(out: &mut impl Write, doc: &InfoDoc) -> io::Result<()> {
     )?;
     let width = rows
         .iter()
-        .map(|b| b.name.chars().count())
+        .map(|b| shown(&b.name).chars().count())
         .max()
         .unwrap_or(0);
     for b in rows {
@@ -236,7 +243,7 @@ fn write_density(out: &mut impl Write, doc: &InfoDoc) -> io::Result<()> {
             .enumerate()
             .map(|(i, &d)| density_char(d, column_len(i as u64, col, doc.virtual_size)))
             .collect();
-        writeln!(out, "{:<width$}  |{strip}|", b.name)?;
+        writeln!(out, "{:<width$}  |{strip}|", shown(&b.name))?;
     }
     Ok(())
 }
@@ -594,7 +601,10 @@ fn write_dump_directory(out: &mut impl Write, d: &DumpDoc) -> io::Result<()> {
         writeln!(
             out,
             "  [{}] at {} (0x{:x}): '{}'",
-            e.index, e.offset, e.offset, e.name
+            e.index,
+            e.offset,
+            e.offset,
+            shown(&e.name)
         )?;
         writeln!(
             out,
@@ -614,7 +624,7 @@ fn write_dump_directory(out: &mut impl Write, d: &DumpDoc) -> io::Result<()> {
 }
 
 fn write_dump_table(out: &mut impl Write, t: &TableDump) -> io::Result<()> {
-    writeln!(out, "\nbitmap table of '{}':", t.bitmap)?;
+    writeln!(out, "\nbitmap table of '{}':", shown(&t.bitmap))?;
     if let Some(e) = &t.error {
         writeln!(out, "  error: {e}")?;
     }
