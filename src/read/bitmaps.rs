@@ -338,65 +338,29 @@ impl<S: ReadAt> Image<S> {
         }
     }
 
-    /// Dirty bytes of a bitmap, clipped to the virtual size.
+    /// Dirty bytes of a bitmap, clipped to the virtual size (the one-table
+    /// pass of [`Image::survey`], without columns).
     ///
     /// # Errors
     /// I/O errors reading data clusters.
     pub fn dirty_bytes(&self, t: &Table) -> Result<u64> {
-        let mut ones = 0u64;
-        let (mut words, mut buf) = (Vec::new(), Vec::new());
-        for k in 0..t.entries.len() {
-            ones += self.count_cluster(t, k, &mut buf)?;
-        }
-        let gran = 1u64 << t.granularity_bits;
-        let mut bytes = ones.saturating_mul(gran);
-        // The last granule may extend past the virtual size.
-        if t.nbits > 0 && self.bit_is_set(t, t.nbits - 1, &mut words, &mut buf)? {
-            bytes -= t.nbits * gran - self.virtual_size();
-        }
-        Ok(bytes)
+        self.table_profile(t, 1).map(|(dirty, _)| dirty)
     }
 
-    fn count_cluster(&self, t: &Table, k: usize, bytes: &mut Vec<u8>) -> Result<u64> {
-        let (first, end) = t.cluster_bits(k);
-        Ok(match t.entries[k] {
-            TableEntry::Zeros | TableEntry::Invalid(_) => 0,
-            TableEntry::Ones => end - first,
-            TableEntry::Data(off) => {
-                let nbits = end - first;
-                let n = usize::try_from(nbits.div_ceil(8)).unwrap_or(usize::MAX);
-                bytes.resize(n, 0);
-                self.storage
-                    .copy_at(off, bytes)
-                    .map_err(|e| Error::io("bitmap data cluster", Some(off), e))?;
-                bits::bytes::count_ones(bytes, nbits)
-            }
-        })
-    }
-
-    fn bit_is_set(
-        &self,
-        t: &Table,
-        bit: u64,
-        words: &mut Vec<u64>,
-        bytes: &mut Vec<u8>,
-    ) -> Result<bool> {
-        let k = usize::try_from(bit / t.bits_per_cluster()).unwrap_or(usize::MAX);
-        let (first, end) = t.cluster_bits(k);
-        Ok(match t.entries.get(k) {
-            Some(TableEntry::Ones) => true,
-            Some(TableEntry::Data(off)) => {
-                self.cluster_words(*off, end - first, words, bytes)?;
-                bits::words::next_one(words, bit - first, bit - first + 1).is_some()
-            }
-            _ => false,
-        })
+    /// Copies the bytes holding the first `nbits` bits of the data cluster
+    /// at `off` into `bytes` with [`ReadAt::copy_at`]: a scan over many
+    /// bitmaps keeps one cluster resident instead of mapping every one.
+    pub(super) fn copy_cluster(&self, off: u64, nbits: u64, bytes: &mut Vec<u8>) -> Result<()> {
+        let nbytes = usize::try_from(nbits.div_ceil(8)).unwrap_or(usize::MAX);
+        bytes.resize(nbytes, 0);
+        self.storage
+            .copy_at(off, bytes)
+            .map_err(|e| Error::io("bitmap data cluster", Some(off), e))
     }
 
     /// Loads the first `nbits` bits of the data cluster at `off` into `words`
-    /// (bits past `nbits` in the last word are cleared). The bytes are copied
-    /// through `bytes` with [`ReadAt::copy_at`]: a scan over many bitmaps
-    /// keeps one cluster resident instead of mapping every one it visits.
+    /// (bits past `nbits` in the last word are cleared), copied through
+    /// `bytes` (see [`Image::copy_cluster`]).
     pub(super) fn cluster_words(
         &self,
         off: u64,
@@ -404,13 +368,9 @@ impl<S: ReadAt> Image<S> {
         words: &mut Vec<u64>,
         bytes: &mut Vec<u8>,
     ) -> Result<()> {
-        let nbytes = usize::try_from(nbits.div_ceil(8)).unwrap_or(usize::MAX);
-        bytes.resize(nbytes, 0);
-        self.storage
-            .copy_at(off, bytes)
-            .map_err(|e| Error::io("bitmap data cluster", Some(off), e))?;
+        self.copy_cluster(off, nbits, bytes)?;
         words.clear();
-        words.resize(nbytes.div_ceil(8), 0);
+        words.resize(bytes.len().div_ceil(8), 0);
         bits::bytes::le_bytes_to_words(bytes, words);
         let total = words.len() as u64 * 64;
         bits::words::clear_range(words, nbits..total);

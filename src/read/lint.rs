@@ -80,6 +80,13 @@ fn finding(
     }
 }
 
+/// A table error judged for another entry naming the same table, as a
+/// finding about `b` (its object renamed from `first` to `what`).
+fn renamed_error(b: &BitmapEntry, first: &str, what: &str, e: &Error) -> Finding {
+    let e = e.renamed(first, what);
+    finding(Severity::Corruption, Some(b), e.offset(), e.to_string())
+}
+
 impl<S: ReadAt> Image<S> {
     /// Every bitmap rule this image breaks (refcounts excluded).
     pub fn lint_bitmaps(&self) -> Vec<Finding> {
@@ -190,15 +197,7 @@ impl<S: ReadAt> Image<S> {
                         out.push(finding(Severity::Corruption, Some(b), at, msg));
                     }
                 }
-                Err((first, e)) => {
-                    let e = e.renamed(first, &what);
-                    out.push(finding(
-                        Severity::Corruption,
-                        Some(b),
-                        e.offset(),
-                        e.to_string(),
-                    ));
-                }
+                Err((first, e)) => out.push(renamed_error(b, first, &what, e)),
             }
             return;
         }
@@ -220,15 +219,7 @@ impl<S: ReadAt> Image<S> {
                 out.push(finding(Severity::Corruption, Some(b), Some(*byte), msg));
             }
             Ok(None) => {}
-            Err((first, e)) => {
-                let e = e.renamed(first, &what);
-                out.push(finding(
-                    Severity::Corruption,
-                    Some(b),
-                    e.offset(),
-                    e.to_string(),
-                ));
-            }
+            Err((first, e)) => out.push(renamed_error(b, first, &what, e)),
         }
     }
 

@@ -84,7 +84,7 @@ impl<S: ReadAt + Sync> Image<S> {
             .flatten();
         match outcome {
             None => Survey {
-                status: self.status_without_data(b),
+                status: self.status(b),
                 profile: None,
             },
             Some(Ok((dirty, profile))) => Survey {
@@ -104,11 +104,6 @@ impl<S: ReadAt + Sync> Image<S> {
                 profile: None,
             },
         }
-    }
-
-    /// The status of a bitmap that is not `ok` (no table or data read).
-    fn status_without_data(&self, b: &BitmapEntry) -> BitmapStatus {
-        self.status(b)
     }
 
     fn run_workers(
@@ -162,6 +157,14 @@ impl<S: ReadAt + Sync> Image<S> {
         let t = self.table(b).map_err(|e| (what.clone(), e))?;
         self.profile(&t, columns.max(1), counter)
             .map_err(|e| (what, e))
+    }
+}
+
+impl<S: ReadAt> Image<S> {
+    /// Dirty bytes and `columns` per-column dirty bytes of one validated
+    /// table, with fresh buffers (what [`Image::dirty_bytes`] needs).
+    pub(super) fn table_profile(&self, t: &Table, columns: u64) -> Result<(u64, Vec<u64>)> {
+        self.profile(t, columns.max(1), &mut Counter::default())
     }
 
     /// Dirty bytes and per-column dirty bytes of one validated table.
@@ -253,12 +256,7 @@ impl Counter {
         if let Some(&n) = self.counts.get(&(off, nbits)) {
             return Ok(n);
         }
-        let n = usize::try_from(nbits.div_ceil(8)).unwrap_or(usize::MAX);
-        self.bytes.resize(n, 0);
-        image
-            .storage()
-            .copy_at(off, &mut self.bytes)
-            .map_err(|e| Error::io("bitmap data cluster", Some(off), e))?;
+        image.copy_cluster(off, nbits, &mut self.bytes)?;
         let ones = bits::bytes::count_ones(&self.bytes, nbits);
         self.counts.insert((off, nbits), ones);
         Ok(ones)
