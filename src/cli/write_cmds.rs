@@ -72,8 +72,8 @@ fn merge(m: &MergeArgs) -> Outcome {
             let ctx = |e: qcow2_bitmap::Error| e.context(src_path.display());
             let b = source.find(s).map_err(ctx)?;
             source.require_ok(b, false).map_err(ctx)?;
-            source.table(b).map_err(ctx)?;
-            tx.merge_from_image(&m.target, &source, s)
+            let table = source.table(b).map_err(ctx)?;
+            tx.merge_from_image(&m.target, &source, b, &table)
         })
     })
 }

@@ -8,7 +8,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::bitmap_table::TableEntry;
 use crate::format::directory::{DirEntry, FLAG_AUTO};
 use crate::format::limits;
-use crate::read::{BitmapState, Image, expected_dimensions};
+use crate::read::{BitmapEntry, BitmapState, Image, Table, expected_dimensions};
 use crate::storage::WriteAt;
 
 /// A bitmap to merge from: its bits and granularity (log2).
@@ -298,32 +298,33 @@ impl<S: WriteAt> Transaction<S> {
         self.replace_clusters(i, changed)
     }
 
-    /// Stages `target |= source` where `source` is bitmap `name` of another
-    /// image, streamed cluster by cluster when the granularities are equal.
+    /// Stages `target |= source` where `source` is a bitmap of another
+    /// image and `table` its validated table (`image.table(source)`, which
+    /// the caller has read to report source problems under its own name),
+    /// streamed cluster by cluster when the granularities are equal.
     ///
     /// # Errors
-    /// As [`Transaction::merge_bitmap`], errors of the source image (named
-    /// by the caller's context), `InvalidInput` when the virtual sizes differ.
+    /// As [`Transaction::merge_bitmap`]; `Untrusted` unless `source` is
+    /// `ok`; `InvalidInput` when the virtual sizes differ.
     pub fn merge_from_image<R: crate::storage::ReadAt>(
         &mut self,
         target: &str,
         image: &Image<R>,
-        name: &str,
+        source: &BitmapEntry,
+        table: &Table,
     ) -> Result<()> {
-        let b = image.find(name)?;
-        image.require_ok(b, false)?;
+        image.require_ok(source, false)?;
         let i = self.position_ok(target, "merge into it")?;
-        let same_gran = b.entry.granularity_bits == self.staged[i].entry.granularity_bits;
+        let same_gran = source.entry.granularity_bits == self.staged[i].entry.granularity_bits;
         if !same_gran || image.virtual_size() != self.virtual_size() {
-            let bits = image.load(b, false)?;
+            let bits = image.load(source, false)?;
             let src = MergeSource {
                 bits: &bits,
-                granularity_bits: u32::from(b.entry.granularity_bits),
+                granularity_bits: u32::from(source.entry.granularity_bits),
                 virtual_size: image.virtual_size(),
             };
             return self.merge(target, &src);
         }
-        let table = image.table(b)?;
         let changed = {
             let own = Image::open(&self.storage)?;
             self.changed_clusters(i, &own, |k, w, buf| {
