@@ -439,6 +439,8 @@ struct Walker<'a, S> {
     l2_buf: Vec<u8>,
     /// Active L1 indices whose L2 table maps at least one host cluster.
     l2_with_host_clusters: Vec<usize>,
+    /// The active L1 table as the walk read it (the "copied" pass reuses it).
+    active_l1: Vec<u64>,
     g: Geometry,
     refcount_max: u64,
     extended: bool,
@@ -466,6 +468,7 @@ impl<'a, S: ReadAt> Walker<'a, S> {
             times: 1,
             l2_buf: vec![0; g.cluster_len()],
             l2_with_host_clusters: Vec::new(),
+            active_l1: Vec::new(),
             g,
             refcount_max: refcount::max_refcount(h.refcount_order.min(refcount::MAX_ORDER)),
             extended: h.incompatible_features & incompat::EXTL2 != 0,
@@ -584,6 +587,9 @@ impl<'a, S: ReadAt> Walker<'a, S> {
         let owner = if active { Owner::L1 } else { Owner::SnapshotL1 };
         self.inc(offset, len, owner);
         let table = read_clipped(self.image.storage(), offset, len)?;
+        if active {
+            self.active_l1 = bitmap_table::raw_entries(&table).collect();
+        }
         for (index, raw) in bitmap_table::raw_entries(&table).enumerate() {
             if raw == 0 {
                 continue;
@@ -976,14 +982,8 @@ impl<'a, S: ReadAt> Walker<'a, S> {
     /// QEMU's "OFLAG_COPIED" pass over the active L1 and L2 tables. Only the
     /// L2 tables that map host clusters are read again.
     fn check_copied(&mut self, stored: &Stored<'_, S>) -> Result<()> {
-        let h = self.image.header().clone();
         let cb = self.g.cluster_bits();
-        let l1 = read_clipped(
-            self.image.storage(),
-            h.l1_table_offset,
-            u64::from(h.l1_size) * 8,
-        )?;
-        let l1: Vec<u64> = bitmap_table::raw_entries(&l1).collect();
+        let l1 = std::mem::take(&mut self.active_l1);
         for (i, &l1e) in l1.iter().enumerate() {
             let l2_offset = l1e & l2::OFFSET_MASK;
             if l2_offset == 0 {
