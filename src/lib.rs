@@ -53,6 +53,8 @@
 //! Layout of the crate:
 //! - [`mod@format`]: decode and encode on-disk records (bytes only, no I/O).
 //! - [`read`]: open an image and read bitmaps; never writes.
+//! - [`guest`]: the guest's view of an image and its backing chain (map and
+//!   guest bytes); never writes.
 //! - [`mod@write`]: crash-safe transactions that add, remove, clear, enable,
 //!   disable and merge bitmaps, writing only what changes.
 //! - [`bits`]: word-parallel bitmap kernels; knows nothing about qcow2.
@@ -64,6 +66,7 @@
 pub mod bits;
 pub mod error;
 pub mod format;
+pub mod guest;
 pub mod lock;
 pub mod read;
 pub mod storage;

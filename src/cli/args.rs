@@ -141,6 +141,22 @@ pub enum Command {
         /// The qcow2 image.
         image: PathBuf,
     },
+    /// Allocation map of the guest view (whole backing chain), exactly as `qemu-img map`.
+    Map {
+        /// Print qemu-img map's JSON array.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        read: ReadOpts,
+        /// Start of the range (SIZE, default 0).
+        #[arg(long, value_parser = parse_size)]
+        offset: Option<u64>,
+        /// Length of the range (SIZE, default: to the end of the disk).
+        #[arg(long, value_parser = parse_size)]
+        length: Option<u64>,
+        /// The image (qcow2 or raw).
+        image: PathBuf,
+    },
     /// Every header field, header extension and directory entry; with --bitmap, its table.
     Dump {
         /// Print one JSON document.

@@ -52,6 +52,21 @@ pub fn dispatch(cli: Cli) -> Outcome {
             image,
             bitmap,
         } => dump(&image, &read, json, bitmap.as_deref()),
+        Command::Map {
+            json,
+            read,
+            offset,
+            length,
+            image,
+        } => super::map::map(
+            &image,
+            &read,
+            super::map::MapOpts {
+                json,
+                offset,
+                length,
+            },
+        ),
         write => super::write_cmds::dispatch(&write),
     }
 }

@@ -6,6 +6,7 @@
 mod args;
 mod commands;
 mod integrity;
+mod map;
 mod output;
 mod size;
 mod write_cmds;

@@ -35,7 +35,8 @@ pub fn dispatch(cmd: &Command) -> Outcome {
             in_use,
             image,
         } => super::integrity::repair_cmd(image, *json, *dry_run, *in_use),
-        Command::Info { .. }
+        Command::Map { .. }
+        | Command::Info { .. }
         | Command::Extents { .. }
         | Command::Hash { .. }
         | Command::Dump { .. } => Err(Failure::Lib(qcow2_bitmap::Error::invalid_input(

@@ -1,0 +1,187 @@
+//! Block status through the chain, and the entries of `qemu-img map`.
+//!
+//! For each guest byte the status is that of the first layer (top first)
+//! that allocates it (data or zeros); a byte no layer allocates is
+//! unallocated at the depth of the first layer that has no backing file or
+//! whose backing file ends before the byte. Consecutive statuses merge into
+//! one [`MapEntry`] exactly when `qemu-img map` merges them: equal depth,
+//! present, zero, data and compressed flags, both or neither with a host
+//! offset, and host offsets that continue each other.
+
+use super::layer::Kind;
+use super::{Reader, Result};
+
+/// The status of one run of guest bytes, before merging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status {
+    /// Guest bytes covered.
+    pub len: u64,
+    /// Index of the member that answered (0 = the top).
+    pub depth: usize,
+    /// What the run maps to in that member.
+    pub kind: Kind,
+}
+
+/// One entry of `qemu-img map --output=json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapEntry {
+    /// First guest byte.
+    pub start: u64,
+    /// Guest bytes covered.
+    pub length: u64,
+    /// Member that holds the data (0 = the top), or where the walk stopped.
+    pub depth: usize,
+    /// Allocated in some member (data or zeros).
+    pub present: bool,
+    /// Reads as zeros.
+    pub zero: bool,
+    /// Backed by data in a file.
+    pub data: bool,
+    /// Compressed clusters.
+    pub compressed: bool,
+    /// Host offset in the member's file (its data file when it has one).
+    pub offset: Option<u64>,
+}
+
+impl MapEntry {
+    fn from_status(start: u64, s: &Status) -> Self {
+        let mut e = MapEntry {
+            start,
+            length: s.len,
+            depth: s.depth,
+            present: true,
+            zero: false,
+            data: false,
+            compressed: false,
+            offset: s.kind.host(),
+        };
+        match s.kind {
+            Kind::Data { .. } => e.data = true,
+            Kind::ZeroAlloc { .. } | Kind::ZeroPlain => e.zero = true,
+            Kind::Compressed { .. } => {
+                e.data = true;
+                e.compressed = true;
+            }
+            Kind::Unallocated { .. } => {
+                e.present = false;
+                e.zero = true;
+            }
+        }
+        e
+    }
+
+    /// Whether `next` merges into `self` (qemu-img map's rule).
+    pub fn mergeable(&self, next: &MapEntry) -> bool {
+        self.length != 0
+            && self.depth == next.depth
+            && self.present == next.present
+            && self.zero == next.zero
+            && self.data == next.data
+            && self.compressed == next.compressed
+            && match (self.offset, next.offset) {
+                (None, None) => true,
+                (Some(a), Some(b)) => a.checked_add(self.length) == Some(b),
+                _ => false,
+            }
+    }
+
+    /// One past the last guest byte.
+    pub fn end(&self) -> u64 {
+        self.start + self.length
+    }
+}
+
+impl<'c> Reader<'c> {
+    /// The status of the run starting at guest `offset`, at most `max` bytes
+    /// (`offset` below the virtual size, `max` > 0).
+    ///
+    /// # Errors
+    /// Any metadata problem met on the way (named with the member's path).
+    pub fn status(&mut self, offset: u64, max: u64) -> Result<Status> {
+        self.resolve(offset, max, false)
+    }
+
+    pub(super) fn resolve(&mut self, offset: u64, max: u64, for_read: bool) -> Result<Status> {
+        let members = self.chain.members();
+        let mut depth = 0;
+        let mut len = max;
+        loop {
+            let m = &members[depth];
+            let run = m
+                .layer
+                .lookup(&mut self.cache, depth, offset, len, for_read)
+                .map_err(|e| e.context(m.path.display()))?;
+            len = run.len;
+            if let Kind::Unallocated { .. } = run.kind
+                && m.backing.is_some()
+                && let Some(below) = members.get(depth + 1)
+                && offset < below.virtual_size
+            {
+                len = len.min(below.virtual_size - offset);
+                depth += 1;
+                continue;
+            }
+            return Ok(Status {
+                len,
+                depth,
+                kind: run.kind,
+            });
+        }
+    }
+
+    /// The `qemu-img map` entries of guest range `[offset, offset + length)`,
+    /// streamed and merged.
+    ///
+    /// # Errors
+    /// A range past the virtual size; later, each item may carry a metadata error
+    /// (after which the iterator ends).
+    pub fn map(&mut self, offset: u64, length: u64) -> Result<MapIter<'_, 'c>> {
+        let end = self.chain.check_range(offset, length)?;
+        Ok(MapIter {
+            reader: self,
+            pos: offset,
+            end,
+            pending: None,
+        })
+    }
+}
+
+/// Iterator over merged [`MapEntry`]s; see [`Reader::map`].
+#[derive(Debug)]
+pub struct MapIter<'r, 'c> {
+    reader: &'r mut Reader<'c>,
+    pos: u64,
+    end: u64,
+    pending: Option<MapEntry>,
+}
+
+impl Iterator for MapIter<'_, '_> {
+    type Item = Result<MapEntry>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if self.pos >= self.end {
+                return self.pending.take().map(Ok);
+            }
+            let status = match self.reader.resolve(self.pos, self.end - self.pos, false) {
+                Ok(s) => s,
+                Err(e) => {
+                    self.pos = self.end;
+                    self.pending = None;
+                    return Some(Err(e));
+                }
+            };
+            let entry = MapEntry::from_status(self.pos, &status);
+            self.pos += status.len;
+            match &mut self.pending {
+                Some(p) if p.mergeable(&entry) => p.length += entry.length,
+                Some(p) => {
+                    let out = *p;
+                    self.pending = Some(entry);
+                    return Some(Ok(out));
+                }
+                None => self.pending = Some(entry),
+            }
+        }
+    }
+}
