@@ -6,6 +6,8 @@
 //! - `live`: images generated now with QEMU tools, compared with QEMU's answers
 //!   (skipped with a visible message when QEMU is missing, unless
 //!   `QCOW2_BITMAP_REQUIRE_QEMU=1`, which `.ci/run` sets).
+//! - `guest_live`: random chains made now with QEMU: `map` and the guest bytes
+//!   against `qemu-img map` and `qemu-img convert -O raw`.
 //! - `bounds`: huge-claim images through the binary under `prlimit --as` and a time limit.
 //! - `kill`: SIGKILL write commands at random moments on a 16 TiB image
 //!   (`QCOW2_BITMAP_KILL_TRIALS=N` for a long run, `QCOW2_BITMAP_SEED` to replay).
@@ -48,3 +50,6 @@ mod kill;
 
 #[path = "it/fuzz_found.rs"]
 mod fuzz_found;
+
+#[path = "it/guest_live.rs"]
+mod guest_live;

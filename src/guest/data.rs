@@ -40,7 +40,7 @@ impl Reader<'_> {
             let (head, rest) = std::mem::take(&mut out).split_at_mut(n);
             let member = &chain.members()[st.depth];
             match st.kind {
-                Kind::Data { host } => {
+                Kind::Data { host } | Kind::DataHole { host } => {
                     member
                         .layer
                         .data_storage()

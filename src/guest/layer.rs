@@ -33,6 +33,13 @@ pub enum Kind {
         /// Host offset of the run's first byte.
         host: u64,
     },
+    /// Guest data at this host offset where the host file has a hole (only
+    /// `map` reports it, for images QEMU takes as metadata-preallocated:
+    /// see `prealloc`); reads as zeros.
+    DataHole {
+        /// Host offset of the run's first byte.
+        host: u64,
+    },
     /// Reads as zeros and masks the backing file, with a host allocation
     /// (qcow2 ZERO_ALLOC, or a hole in a raw file).
     ZeroAlloc {
@@ -59,7 +66,7 @@ impl Kind {
     /// The host offset this kind carries, if any.
     pub fn host(&self) -> Option<u64> {
         match *self {
-            Kind::Data { host } | Kind::ZeroAlloc { host } => Some(host),
+            Kind::Data { host } | Kind::DataHole { host } | Kind::ZeroAlloc { host } => Some(host),
             Kind::Unallocated { host } => host,
             Kind::ZeroPlain | Kind::Compressed { .. } => None,
         }

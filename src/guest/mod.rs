@@ -42,6 +42,7 @@ mod compressed;
 mod data;
 pub mod layer;
 mod meta;
+mod prealloc;
 mod seek;
 mod status;
 
@@ -115,6 +116,7 @@ impl Chain {
             decompressor: Decompressor::new(),
             cluster: Vec::new(),
             cached: None,
+            prealloc: Vec::new(),
         }
     }
 
@@ -140,6 +142,8 @@ pub struct Reader<'c> {
     /// The last decompressed cluster, and which one it is (depth, host offset).
     cluster: Vec<u8>,
     cached: Option<(usize, u64)>,
+    /// Per depth: whether QEMU would take the member as metadata-preallocated.
+    prealloc: Vec<Option<bool>>,
 }
 
 impl<'c> Reader<'c> {

@@ -8,7 +8,9 @@
 //! present, zero, data and compressed flags, both or neither with a host
 //! offset, and host offsets that continue each other.
 
-use super::layer::Kind;
+use super::layer::{Kind, Layer, Qcow2Layer};
+use super::prealloc;
+use crate::storage::ReadAt;
 use super::{Reader, Result};
 
 /// The status of one run of guest bytes, before merging.
@@ -57,6 +59,10 @@ impl MapEntry {
         };
         match s.kind {
             Kind::Data { .. } => e.data = true,
+            Kind::DataHole { .. } => {
+                e.data = true;
+                e.zero = true;
+            }
             Kind::ZeroAlloc { .. } | Kind::ZeroPlain => e.zero = true,
             Kind::Compressed { .. } => {
                 e.data = true;
@@ -121,12 +127,36 @@ impl<'c> Reader<'c> {
                 depth += 1;
                 continue;
             }
-            return Ok(Status {
-                len,
-                depth,
-                kind: run.kind,
-            });
+            let mut kind = run.kind;
+            if !for_read
+                && let Kind::Data { host } = kind
+                && let Layer::Qcow2(q) = &m.layer
+                && self.preallocated(depth, q)?
+            {
+                let storage = m.layer.data_storage();
+                let (hole, n) = prealloc::host_hole(storage.file(), storage.len(), host, len)
+                    .map_err(|e| e.context(m.path.display()))?;
+                len = n;
+                if hole {
+                    kind = Kind::DataHole { host };
+                }
+            }
+            return Ok(Status { len, depth, kind });
         }
+    }
+
+    /// Whether the qcow2 member at `depth` looks metadata-preallocated to QEMU
+    /// (decided once per reader, on the first query that needs it).
+    fn preallocated(&mut self, depth: usize, q: &Qcow2Layer) -> Result<bool> {
+        if self.prealloc.len() <= depth {
+            self.prealloc.resize(depth + 1, None);
+        }
+        if let Some(p) = self.prealloc[depth] {
+            return Ok(p);
+        }
+        let p = prealloc::detect(q).map_err(|e| e.context(self.chain.members()[depth].path.display()))?;
+        self.prealloc[depth] = Some(p);
+        Ok(p)
     }
 
     /// The `qemu-img map` entries of guest range `[offset, offset + length)`,
