@@ -3,6 +3,7 @@
 
 use qcow2_bitmap::format::bitmap_table::TableEntry;
 use qcow2_bitmap::format::extensions::Extension;
+use qcow2_bitmap::guest::chain;
 use qcow2_bitmap::read::{BitmapEntry, Extent, Image, Survey};
 use qcow2_bitmap::storage::ReadAt;
 use serde::Serialize;
@@ -28,6 +29,16 @@ pub struct InfoDoc {
     cluster_size: u64,
     refcount_bits: u32,
     bitmaps_consistent: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backing_filename: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backing_filename_format: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    full_backing_filename: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_file_raw: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     bitmaps_problem: Option<String>,
     bitmaps: Vec<BitmapRow>,
@@ -83,6 +94,11 @@ impl InfoDoc {
     /// Gathers the summary.
     pub fn new<S: ReadAt>(path: &Path, image: &Image<S>, bitmaps: Vec<BitmapRow>) -> Self {
         let h = image.header();
+        let cs = image.geometry().cluster_size();
+        let mut scratch = Vec::new();
+        let n = usize::try_from(cs.min(image.storage().len())).unwrap_or(0);
+        let cluster0 = image.storage().read_at(0, n, &mut scratch).unwrap_or(&[]);
+        let (backing, data_file) = chain::describe(path, h, cluster0, image.extensions());
         InfoDoc {
             filename: path.display().to_string(),
             format: "qcow2",
@@ -91,6 +107,11 @@ impl InfoDoc {
             cluster_size: image.geometry().cluster_size(),
             refcount_bits: h.refcount_bits(),
             bitmaps_consistent: image.bitmaps_consistent(),
+            backing_filename: backing.as_ref().map(|b| b.name.clone()),
+            backing_filename_format: backing.as_ref().and_then(|b| b.format.clone()),
+            full_backing_filename: backing.as_ref().map(|b| b.full.display().to_string()),
+            data_file_raw: data_file.as_ref().map(|d| d.raw),
+            data_file: data_file.map(|d| d.name),
             bitmaps_problem: image.bitmaps_view().problem.as_ref().map(|e| e.to_string()),
             bitmaps,
             features: feature_names(
@@ -144,6 +165,32 @@ pub fn write_info<S: ReadAt>(
         doc.features.join(", ")
     };
     writeln!(out, "features:       {features}")?;
+    if let Some(name) = &doc.backing_filename {
+        let full = doc.full_backing_filename.as_deref().unwrap_or(name);
+        if full == name {
+            writeln!(out, "backing file:   {}", shown(name))?;
+        } else {
+            writeln!(
+                out,
+                "backing file:   {} (actual path: {})",
+                shown(name),
+                shown(full)
+            )?;
+        }
+        let format = doc
+            .backing_filename_format
+            .as_deref()
+            .unwrap_or("(none: probed)");
+        writeln!(out, "backing format: {}", shown(format))?;
+    }
+    if let Some(name) = &doc.data_file {
+        let raw = if doc.data_file_raw == Some(true) {
+            " (data_file_raw: a valid raw image)"
+        } else {
+            ""
+        };
+        writeln!(out, "data file:      {}{raw}", shown(name))?;
+    }
     let consistent = match (doc.bitmaps_consistent, doc.version) {
         (true, _) => "consistent",
         (false, 2) => "STALE: version 2 images cannot mark bitmaps consistent",

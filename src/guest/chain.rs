@@ -337,6 +337,36 @@ pub fn combine(base: &Path, name: &str) -> PathBuf {
     }
 }
 
+/// What a qcow2 header names, for display (`info`), without opening or
+/// judging anything: the backing file (name as stored, lossily decoded,
+/// its format extension and the path QEMU would open) and the data file.
+pub fn describe(
+    path: &Path,
+    h: &Header,
+    cluster0: &[u8],
+    exts: &[Extension],
+) -> (Option<Backing>, Option<DataFileInfo>) {
+    let backing = (h.backing_file_offset != 0 && h.backing_file_size != 0)
+        .then(|| {
+            let off = usize::try_from(h.backing_file_offset).ok()?;
+            let bytes = cluster0.get(off..off.checked_add(h.backing_file_size as usize)?)?;
+            let name = String::from_utf8_lossy(bytes).into_owned();
+            let format = ext(exts, ext_type::BACKING_FORMAT)
+                .map(|e| String::from_utf8_lossy(&e.data).into_owned());
+            let full = combine(path, &name);
+            Some(Backing { name, format, full })
+        })
+        .flatten();
+    let data_file = (h.incompatible_features & incompat::DATA_FILE != 0)
+        .then(|| ext(exts, ext_type::DATA_FILE))
+        .flatten()
+        .map(|e| DataFileInfo {
+            name: String::from_utf8_lossy(&e.data).into_owned(),
+            raw: h.autoclear_features & autoclear::RAW_DATA != 0,
+        });
+    (backing, data_file)
+}
+
 fn data_file_of(h: &Header, exts: &[Extension]) -> Result<Option<DataFileInfo>> {
     let raw = h.autoclear_features & autoclear::RAW_DATA != 0;
     let has_bit = h.incompatible_features & incompat::DATA_FILE != 0;
