@@ -49,7 +49,10 @@ fn dirty_data(path: &str, name: &str) -> qcow2_bitmap::Result<()> {
                 zeros += piece.length;
                 continue;
             }
-            println!("{} {} data depth {}", piece.start, piece.length, piece.depth);
+            println!(
+                "{} {} data depth {}",
+                piece.start, piece.length, piece.depth
+            );
             let mut at = piece.start;
             while at < piece.end() {
                 let n = (piece.end() - at).min(buf.len() as u64) as usize;

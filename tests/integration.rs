@@ -6,6 +6,7 @@
 //! - `live`: images generated now with QEMU tools, compared with QEMU's answers
 //!   (skipped with a visible message when QEMU is missing, unless
 //!   `QCOW2_BITMAP_REQUIRE_QEMU=1`, which `.ci/run` sets).
+//! - `guest_fixtures`: the guest-data fixtures against QEMU's records (map, bytes, info).
 //! - `guest_live`: random chains made now with QEMU: `map` and the guest bytes
 //!   against `qemu-img map` and `qemu-img convert -O raw`.
 //! - `bounds`: huge-claim images through the binary under `prlimit --as` and a time limit.
@@ -53,3 +54,6 @@ mod fuzz_found;
 
 #[path = "it/guest_live.rs"]
 mod guest_live;
+
+#[path = "it/guest_fixtures.rs"]
+mod guest_fixtures;

@@ -78,12 +78,26 @@ pub struct Member {
 }
 
 /// What `open` needs to know about the top image.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct OpenOptions {
     /// The locks to take on every member.
     pub access: Access,
     /// The top's format, or `None` to probe it (qcow2 magic, else raw).
     pub format: Option<Format>,
+    /// Where relative external data-file names resolve: `None` for the
+    /// current directory, as QEMU does.
+    pub data_file_dir: Option<PathBuf>,
+}
+
+impl OpenOptions {
+    /// Reader locks of `access`, format probed, data files as QEMU finds them.
+    pub fn new(access: Access) -> Self {
+        OpenOptions {
+            access,
+            format: None,
+            data_file_dir: None,
+        }
+    }
 }
 
 /// Opens `path` and its whole backing chain.
@@ -92,7 +106,7 @@ pub struct OpenOptions {
 /// I/O and lock errors naming the member, a missing backing file (named
 /// with the image that names it), a loop, `json:` or protocol backing names,
 /// an encrypted member, and every header problem QEMU refuses.
-pub fn open_members(path: &Path, opts: OpenOptions) -> Result<Vec<Member>> {
+pub fn open_members(path: &Path, opts: &OpenOptions) -> Result<Vec<Member>> {
     let mut members: Vec<Member> = Vec::new();
     let mut seen: HashSet<(PathBuf, Format)> = HashSet::new();
     let mut next: Option<(PathBuf, Option<Format>)> = Some((path.to_path_buf(), opts.format));
@@ -131,9 +145,7 @@ pub fn open_members(path: &Path, opts: OpenOptions) -> Result<Vec<Member>> {
                     layer,
                 }
             }
-            Format::Qcow2 => {
-                open_qcow2(path, storage, opts.access).map_err(|e| e.context(&shown))?
-            }
+            Format::Qcow2 => open_qcow2(path, storage, opts).map_err(|e| e.context(&shown))?,
         };
         if let Some(b) = &member.backing {
             let f = match b.format.as_deref() {
@@ -196,7 +208,7 @@ fn probe(storage: &MappedFile) -> Format {
     }
 }
 
-fn open_qcow2(path: PathBuf, storage: MappedFile, access: Access) -> Result<Member> {
+fn open_qcow2(path: PathBuf, storage: MappedFile, opts: &OpenOptions) -> Result<Member> {
     let mut scratch = Vec::new();
     let first = storage.len().min(2 << 20) as usize;
     let head = storage
@@ -227,9 +239,13 @@ fn open_qcow2(path: PathBuf, storage: MappedFile, access: Access) -> Result<Memb
         None => None,
         Some(info) => {
             let shown = info.name.clone();
-            let file = open_file(Path::new(&info.name))
+            let at = match &opts.data_file_dir {
+                Some(dir) if !info.name.starts_with('/') => dir.join(&info.name),
+                _ => PathBuf::from(&info.name),
+            };
+            let file = open_file(&at)
                 .map_err(|e| Error::io(format!("external data file '{shown}'"), None, e))?;
-            lock::lock(&file, &shown, access)?;
+            lock::lock(&file, &shown, opts.access)?;
             let storage = MappedFile::new(file).map_err(|e| Error::io(&shown, None, e))?;
             Some(DataFile {
                 name: info.name.clone(),

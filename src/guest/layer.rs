@@ -206,8 +206,9 @@ impl RawLayer {
             Region::Data(stop) => (true, stop),
             Region::Hole(stop) => (false, stop),
         };
-        // Past the end of the file (inside the 512-byte rounding) is a hole.
-        let stop = if stop >= file_len { end } else { stop.min(end) };
+        // Data ends exactly at the end of the file; past it (inside the
+        // 512-byte rounding) is a hole, as QEMU's file driver reports.
+        let stop = stop.min(end);
         let kind = if data {
             Kind::Data { host: gofs }
         } else {

@@ -17,7 +17,7 @@
 //! use qcow2_bitmap::lock::Access;
 //!
 //! # fn main() -> qcow2_bitmap::Result<()> {
-//! let chain = Chain::open("fixtures/demo.qcow2".as_ref(), Access::Read)?;
+//! let chain = Chain::open("fixtures/guest/cs64k.qcow2".as_ref(), Access::Read)?;
 //! let mut reader = chain.reader();
 //! let mut data = 0;
 //! for entry in reader.map(0, chain.virtual_size())? {
@@ -68,13 +68,7 @@ impl Chain {
     /// # Errors
     /// See [`chain::open_members`].
     pub fn open(path: &Path, access: Access) -> Result<Chain> {
-        Self::open_with(
-            path,
-            OpenOptions {
-                access,
-                format: None,
-            },
-        )
+        Self::open_with(path, OpenOptions::new(access))
     }
 
     /// Opens with explicit options.
@@ -82,7 +76,7 @@ impl Chain {
     /// # Errors
     /// See [`chain::open_members`].
     pub fn open_with(path: &Path, opts: OpenOptions) -> Result<Chain> {
-        let members = chain::open_members(path, opts)?;
+        let members = chain::open_members(path, &opts)?;
         Ok(Chain { members })
     }
 

@@ -10,8 +10,8 @@
 
 use super::layer::{Kind, Layer, Qcow2Layer};
 use super::prealloc;
-use crate::storage::ReadAt;
 use super::{Reader, Result};
+use crate::storage::ReadAt;
 
 /// The status of one run of guest bytes, before merging.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,7 +154,8 @@ impl<'c> Reader<'c> {
         if let Some(p) = self.prealloc[depth] {
             return Ok(p);
         }
-        let p = prealloc::detect(q).map_err(|e| e.context(self.chain.members()[depth].path.display()))?;
+        let p = prealloc::detect(q)
+            .map_err(|e| e.context(self.chain.members()[depth].path.display()))?;
         self.prealloc[depth] = Some(p);
         Ok(p)
     }

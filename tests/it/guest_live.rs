@@ -262,7 +262,11 @@ fn compare_with_qemu(dir: &Path, top: &str, what: &str) -> usize {
     let mut pos = 0usize;
     while pos < got.len() {
         let n = (rng.range(1, 3 * MIB) as usize).min(got.len() - pos);
-        let n = if rng.chance(30) { n.min(rng.range(1, 5000) as usize) } else { n };
+        let n = if rng.chance(30) {
+            n.min(rng.range(1, 5000) as usize)
+        } else {
+            n
+        };
         reader
             .read_at(pos as u64, &mut got[pos..pos + n])
             .unwrap_or_else(|e| panic!("{what}: read {pos}+{n}: {e}"));
@@ -297,7 +301,10 @@ fn guest_random_chains_match_qemu() {
         "guest_random_chains_match_qemu: {cases} chains, {entries} map entries matched QEMU in {:?}",
         started.elapsed()
     );
-    assert!(entries > cases as usize, "the random chains mapped too little");
+    assert!(
+        entries > cases as usize,
+        "the random chains mapped too little"
+    );
 }
 
 #[test]
@@ -308,24 +315,69 @@ fn guest_relative_backing_names_resolve_like_qemu() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::create_dir_all(d.join("chain/sub")).unwrap();
-    sh(d, "qemu-img", &["create", "-q", "-f", "qcow2", "chain/base.qcow2", "2M"]);
-    qemu_io(d, "chain/base.qcow2", "qcow2", &["write -P 0x11 0 128k".into()]);
     sh(
         d,
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "chain/mid.qcow2", "2M"],
+        &["create", "-q", "-f", "qcow2", "chain/base.qcow2", "2M"],
     );
-    qemu_io(d, "chain/mid.qcow2", "qcow2", &["write -P 0x22 64k 64k".into()]);
+    qemu_io(
+        d,
+        "chain/base.qcow2",
+        "qcow2",
+        &["write -P 0x11 0 128k".into()],
+    );
     sh(
         d,
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-b", "../mid.qcow2", "-F", "qcow2", "chain/sub/top.qcow2", "3M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "chain/mid.qcow2",
+            "2M",
+        ],
     );
-    qemu_io(d, "chain/sub/top.qcow2", "qcow2", &["write -P 0x33 1m 64k".into()]);
+    qemu_io(
+        d,
+        "chain/mid.qcow2",
+        "qcow2",
+        &["write -P 0x22 64k 64k".into()],
+    );
+    sh(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "../mid.qcow2",
+            "-F",
+            "qcow2",
+            "chain/sub/top.qcow2",
+            "3M",
+        ],
+    );
+    qemu_io(
+        d,
+        "chain/sub/top.qcow2",
+        "qcow2",
+        &["write -P 0x33 1m 64k".into()],
+    );
     // From the chain's directories and from elsewhere: names print as QEMU composes them.
     let n = compare_with_qemu(d, "chain/sub/top.qcow2", "relative chain from above");
     assert!(n >= 4);
-    compare_with_qemu(&d.join("chain/sub"), "top.qcow2", "relative chain from its directory");
+    compare_with_qemu(
+        &d.join("chain/sub"),
+        "top.qcow2",
+        "relative chain from its directory",
+    );
     let o = ours(d, &["map", "chain/sub/top.qcow2"]);
     assert!(
         stdout(&o).contains("chain/sub/../mid.qcow2"),
