@@ -57,12 +57,15 @@
 //!   guest bytes); never writes.
 //! - [`mod@write`]: crash-safe transactions that add, remove, clear, enable,
 //!   disable and merge bitmaps, writing only what changes.
+//! - [`backup`]: full and incremental backups (new qcow2 or raw files with a
+//!   manifest), restore, apply and verify.
 //! - [`bits`]: word-parallel bitmap kernels; knows nothing about qcow2.
 //! - [`storage`]: positional storage ([`storage::ReadAt`]) over memory or a mapped file.
 //! - [`lock`]: QEMU-compatible image locks.
 //! - [`error`]: the one-line, offset-carrying [`Error`].
 #![forbid(clippy::undocumented_unsafe_blocks)]
 
+pub mod backup;
 pub mod bits;
 pub mod error;
 pub mod format;

@@ -149,6 +149,11 @@ impl RwFile {
     pub fn file(&self) -> &File {
         &self.file
     }
+
+    /// The underlying file, given back.
+    pub fn into_file(self) -> File {
+        self.file
+    }
 }
 
 impl ReadAt for RwFile {

@@ -157,6 +157,42 @@ pub enum Command {
         /// The image (qcow2 or raw).
         image: PathBuf,
     },
+    /// Back up the guest view: full, or incremental with --bitmap; a manifest beside it.
+    Backup(BackupArgs),
+    /// Flatten a backup chain into a new standalone image (a synthetic full backup).
+    Restore {
+        /// Output format.
+        #[arg(long, value_enum, default_value = "qcow2")]
+        format: FormatArg,
+        /// A progress bar on stderr.
+        #[arg(short = 'p', long)]
+        progress: bool,
+        /// The backup (qcow2 or raw, with its whole chain).
+        backup: PathBuf,
+        /// The new image.
+        output: PathBuf,
+    },
+    /// Lay one backup onto a raw image or block device in place.
+    Apply {
+        /// A progress bar on stderr.
+        #[arg(short = 'p', long)]
+        progress: bool,
+        /// The backup (with its manifest).
+        backup: PathBuf,
+        /// The raw image or block device.
+        target: PathBuf,
+    },
+    /// Check a backup chain: links, sizes, the CRC-32 of every data extent.
+    Verify {
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+        /// Also compare the guest view with this image.
+        #[arg(long)]
+        source: Option<PathBuf>,
+        /// The backup.
+        backup: PathBuf,
+    },
     /// Every header field, header extension and directory entry; with --bitmap, its table.
     Dump {
         /// Print one JSON document.
@@ -179,6 +215,61 @@ pub enum InUseArg {
     Dirty,
     /// Remove the bitmap.
     Remove,
+}
+
+/// Output formats of `backup` and `restore`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FormatArg {
+    /// qcow2 v3.
+    Qcow2,
+    /// Sparse raw.
+    Raw,
+}
+
+/// `--then` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ThenArg {
+    /// Keep the old bitmap as it is.
+    Keep,
+    /// Disable the old bitmap.
+    Disable,
+    /// Remove the old bitmap.
+    Remove,
+}
+
+/// Options of `backup`.
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// Incremental: copy the ranges this bitmap marks dirty.
+    #[arg(long)]
+    pub bitmap: Option<String>,
+    /// The previous backup, stored as the new one's backing file.
+    #[arg(long)]
+    pub backing: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "qcow2")]
+    pub format: FormatArg,
+    /// Compress data clusters.
+    #[arg(short = 'c', long)]
+    pub compress: bool,
+    /// A progress bar on stderr.
+    #[arg(short = 'p', long)]
+    pub progress: bool,
+    /// Print a summary document.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub read: ReadOpts,
+    /// After the backup is durable, add this enabled bitmap (one transaction).
+    #[arg(long)]
+    pub next: Option<String>,
+    /// What to do with --bitmap's bitmap then.
+    #[arg(long, value_enum)]
+    pub then: Option<ThenArg>,
+    /// The image to back up.
+    pub image: PathBuf,
+    /// The backup file (its manifest is OUTPUT.json).
+    pub output: PathBuf,
 }
 
 /// Options of `merge`.

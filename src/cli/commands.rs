@@ -67,6 +67,23 @@ pub fn dispatch(cli: Cli) -> Outcome {
                 length,
             },
         ),
+        Command::Backup(a) => super::backup_cmds::backup(&a),
+        Command::Restore {
+            format,
+            progress,
+            backup,
+            output,
+        } => super::backup_cmds::restore(&backup, &output, format, progress),
+        Command::Apply {
+            progress,
+            backup,
+            target,
+        } => super::backup_cmds::apply(&backup, &target, progress),
+        Command::Verify {
+            json,
+            source,
+            backup,
+        } => super::backup_cmds::verify(&backup, source.as_deref(), json),
         write => super::write_cmds::dispatch(&write),
     }
 }

@@ -4,6 +4,7 @@
 //! Errors are one line on stderr starting with `qcow2-bitmap: `.
 
 mod args;
+mod backup_cmds;
 mod commands;
 mod integrity;
 mod map;

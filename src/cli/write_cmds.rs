@@ -35,7 +35,11 @@ pub fn dispatch(cmd: &Command) -> Outcome {
             in_use,
             image,
         } => super::integrity::repair_cmd(image, *json, *dry_run, *in_use),
-        Command::Map { .. }
+        Command::Backup(_)
+        | Command::Restore { .. }
+        | Command::Apply { .. }
+        | Command::Verify { .. }
+        | Command::Map { .. }
         | Command::Info { .. }
         | Command::Extents { .. }
         | Command::Hash { .. }

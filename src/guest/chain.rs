@@ -77,6 +77,16 @@ pub struct Member {
     pub(super) layer: Layer,
 }
 
+impl Member {
+    /// The qcow2 cluster size (`None` for a raw member).
+    pub fn cluster_size(&self) -> Option<u64> {
+        match &self.layer {
+            Layer::Qcow2(q) => Some(q.geometry().cluster_size()),
+            Layer::Raw(_) => None,
+        }
+    }
+}
+
 /// What `open` needs to know about the top image.
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
@@ -87,6 +97,12 @@ pub struct OpenOptions {
     /// Where relative external data-file names resolve: `None` for the
     /// current directory, as QEMU does.
     pub data_file_dir: Option<PathBuf>,
+    /// Locks for the top alone (e.g. force-share when the caller already
+    /// holds the top's write lock); `None`: `access`.
+    pub top_access: Option<Access>,
+    /// Open the top alone, ignoring its backing file (unallocated ranges
+    /// read as zeros), like QEMU's `backing: null`.
+    pub no_backing: bool,
 }
 
 impl OpenOptions {
@@ -96,6 +112,8 @@ impl OpenOptions {
             access,
             format: None,
             data_file_dir: None,
+            top_access: None,
+            no_backing: false,
         }
     }
 }
@@ -118,7 +136,11 @@ pub fn open_members(path: &Path, opts: &OpenOptions) -> Result<Vec<Member>> {
             None => e,
         };
         let file = open_file(&path).map_err(|e| in_chain(Error::io(&shown, None, e)))?;
-        lock::lock(&file, &shown, opts.access)?;
+        let access = match (members.is_empty(), opts.top_access) {
+            (true, Some(a)) => a,
+            _ => opts.access,
+        };
+        lock::lock(&file, &shown, access)?;
         let storage = MappedFile::new(file).map_err(|e| Error::io(&shown, None, e))?;
         let format = format.unwrap_or_else(|| probe(&storage));
         let canonical = std::fs::canonicalize(&path).map_err(|e| Error::io(&shown, None, e))?;
@@ -147,7 +169,7 @@ pub fn open_members(path: &Path, opts: &OpenOptions) -> Result<Vec<Member>> {
             }
             Format::Qcow2 => open_qcow2(path, storage, opts).map_err(|e| e.context(&shown))?,
         };
-        if let Some(b) = &member.backing {
+        if let Some(b) = member.backing.as_ref().filter(|_| !opts.no_backing) {
             let f = match b.format.as_deref() {
                 None => None,
                 Some("qcow2") => Some(Format::Qcow2),

@@ -115,6 +115,11 @@ impl<S: ReadAt> Image<S> {
         &self.storage
     }
 
+    /// Gives the storage back (with the locks its file holds).
+    pub fn into_storage(self) -> S {
+        self.storage
+    }
+
     /// Whether the bitmaps may be trusted at all: autoclear bit 0 set on a v3 image.
     pub fn bitmaps_consistent(&self) -> bool {
         self.header.bitmaps_consistent()
