@@ -100,6 +100,9 @@ fn random_shape(rng: &mut Rng, may_data_file: bool) -> Shape {
 /// Random qemu-io commands for an image of `size` bytes and `cluster` clusters.
 fn random_writes(rng: &mut Rng, s: &Shape, pattern_len: u64) -> Vec<String> {
     let mut cmds = Vec::new();
+    // Clusters already written compressed: QEMU refuses (EIO) a second
+    // compressed write over one.
+    let mut compressed: Vec<(u64, u64)> = Vec::new();
     let n = rng.range(3, 14);
     for _ in 0..n {
         let unit = rng.pick(&[512, 4 * KIB, s.cluster, 64 * KIB]);
@@ -119,9 +122,14 @@ fn random_writes(rng: &mut Rng, s: &Shape, pattern_len: u64) -> Vec<String> {
                 let start = (off / c) * c;
                 let clusters = rng.range(1, 3).min(pattern_len / c).max(1);
                 let len = (clusters * c).min(s.size - start);
-                if len % 512 != 0 || len == 0 || len > pattern_len {
+                if len % 512 != 0
+                    || len == 0
+                    || len > pattern_len
+                    || compressed.iter().any(|&(a, b)| start < b && a < start + len)
+                {
                     continue;
                 }
+                compressed.push((start, start + len));
                 format!("write -c -s pattern.bin {start} {len}")
             }
             _ => {
