@@ -11,7 +11,8 @@
 //!   against `qemu-img map` and `qemu-img convert -O raw`.
 //! - `bounds`: huge-claim images through the binary under `prlimit --as` and a time limit.
 //! - `kill`: SIGKILL write commands at random moments on a 16 TiB image
-//!   (`QCOW2_BITMAP_KILL_TRIALS=N` for a long run, `QCOW2_BITMAP_SEED` to replay).
+//!   (`QCOW2_BITMAP_KILL_TRIALS=N` for a long run, `QCOW2_BITMAP_SEED` to replay);
+//!   `kill_backup`: the same for `backup` (with and without `--next`), `restore`, `apply`.
 
 #[path = "it/util.rs"]
 mod util;
@@ -57,3 +58,6 @@ mod guest_live;
 
 #[path = "it/guest_fixtures.rs"]
 mod guest_fixtures;
+
+#[path = "it/kill_backup.rs"]
+mod kill_backup;
