@@ -24,6 +24,7 @@
 
 pub mod apply;
 mod atomic;
+pub mod dirty;
 pub mod manifest;
 pub mod restore;
 mod sinks;
@@ -31,6 +32,7 @@ mod units;
 pub mod verify;
 pub mod writer;
 
+pub use dirty::{DirtyData, Piece};
 pub use manifest::{Manifest, ManifestExtent};
 pub use units::{Mode, Unit, What};
 
