@@ -6,6 +6,9 @@
 //! - `live`: images generated now with QEMU tools, compared with QEMU's answers
 //!   (skipped with a visible message when QEMU is missing, unless
 //!   `QCOW2_BITMAP_REQUIRE_QEMU=1`, which `.ci/run` sets).
+//! - `guest_hostile`: the guest-data path (`map`, `guest::Chain` reads) on
+//!   patched QEMU-made images: every refusal is one line naming the structure,
+//!   index and offset; positive controls against `qemu-img` (QEMU needed).
 //! - `bounds`: huge-claim images through the binary under `prlimit --as` and a time limit.
 //! - `kill`: SIGKILL write commands at random moments on a 16 TiB image
 //!   (`QCOW2_BITMAP_KILL_TRIALS=N` for a long run, `QCOW2_BITMAP_SEED` to replay).
@@ -39,6 +42,9 @@ mod write_locks;
 
 #[path = "it/repair.rs"]
 mod repair;
+
+#[path = "it/guest_hostile.rs"]
+mod guest_hostile;
 
 #[path = "it/bounds.rs"]
 mod bounds;
