@@ -9,6 +9,9 @@
 //! - `guest_fixtures`: the guest-data fixtures against QEMU's records (map, bytes, info).
 //! - `guest_live`: random chains made now with QEMU: `map` and the guest bytes
 //!   against `qemu-img map` and `qemu-img convert -O raw`.
+//! - `guest_hostile`: the guest-data path (`map`, `guest::Chain` reads) on
+//!   patched QEMU-made images: every refusal is one line naming the structure,
+//!   index and offset; positive controls against `qemu-img` (QEMU needed).
 //! - `bounds`: huge-claim images through the binary under `prlimit --as` and a time limit.
 //! - `kill`: SIGKILL write commands at random moments on a 16 TiB image
 //!   (`QCOW2_BITMAP_KILL_TRIALS=N` for a long run, `QCOW2_BITMAP_SEED` to replay);
@@ -43,6 +46,9 @@ mod write_locks;
 
 #[path = "it/repair.rs"]
 mod repair;
+
+#[path = "it/guest_hostile.rs"]
+mod guest_hostile;
 
 #[path = "it/bounds.rs"]
 mod bounds;

@@ -58,7 +58,7 @@ impl Decompressor {
     /// into `out` (exactly one cluster).
     ///
     /// # Errors
-    /// The one-line error names the guest offset and the host offset.
+    /// The one-line error names the L1/L2 index, the guest offset and the host offset.
     pub fn cluster(
         &mut self,
         layer: &Qcow2Layer,
@@ -66,7 +66,10 @@ impl Decompressor {
         gofs: u64,
         out: &mut [u8],
     ) -> Result<()> {
-        let object = || format!("compressed cluster at guest offset {gofs:#x}");
+        let (l1, l2) = layer.indices(gofs);
+        let object = || {
+            format!("compressed cluster (L1 index {l1}, L2 index {l2}) at guest offset {gofs:#x}")
+        };
         let file_len = layer.storage.len();
         // QEMU reads `len` bytes; a file ending earlier reads as zeros there.
         let avail = file_len.saturating_sub(desc.offset).min(desc.len());

@@ -326,6 +326,12 @@ impl Qcow2Layer {
         self.extended
     }
 
+    /// The L1 and L2 indices of the entry that maps guest offset `gofs`.
+    pub fn indices(&self, gofs: u64) -> (u64, u64) {
+        let cluster = gofs >> self.g.cluster_bits();
+        (cluster >> self.l2_bits, cluster & ((1 << self.l2_bits) - 1))
+    }
+
     fn l1_entry(&self, index: u64) -> Result<Option<u64>> {
         let at = self.header.l1_table_offset + index * 8;
         let mut scratch = Vec::new();

@@ -377,3 +377,597 @@ fn image_too_big_for_qemu_is_reported_and_left_alone() {
         assert!(String::from_utf8_lossy(&q.stderr).contains("Image is too big"));
     }
 }
+
+// ---------------------------------------------------------------------------
+// Guest data (`map`, `guest::Chain` reads) under the same kind of limits.
+
+/// Address space for the guest-data runs below (a deep chain maps every layer).
+const GUEST_AS_LIMIT: u64 = 1 << 30;
+/// Wall clock for the guest-data runs (the 1000-layer contract).
+const GUEST_TIME_LIMIT: Duration = Duration::from_secs(20);
+/// Peak RSS any data command may reach on a 16 TiB image (cli.md v2.1).
+const GUEST_RSS_LIMIT_KIB: u64 = 128 << 10;
+
+/// A finished run with its peak resident set.
+struct Limited {
+    run: Run,
+    max_rss_kib: u64,
+}
+
+/// Runs `program args` (with `envs`) under `prlimit --as=as_limit`, killed
+/// after `limit`. The peak RSS is the program's `VmHWM` (prlimit execs it,
+/// so the pid is the program's), polled every millisecond until it exits:
+/// the kernel keeps the high-water mark, so only growth in the last
+/// millisecond could be missed. (`wait4`'s `ru_maxrss` cannot be used: it
+/// keeps the RSS of the forked test process from before the exec.)
+fn run_limited(
+    dir: &Path,
+    as_limit: u64,
+    limit: Duration,
+    program: &Path,
+    args: &[&str],
+    envs: &[(&str, &Path)],
+) -> Result<Limited, String> {
+    let out = dir.join("stdout");
+    let err = dir.join("stderr");
+    let mut cmd = Command::new("prlimit");
+    cmd.arg(format!("--as={as_limit}"))
+        .arg("--")
+        .arg(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn prlimit");
+    let status_file = format!("/proc/{}/status", child.id());
+    let t0 = Instant::now();
+    let mut max_rss_kib = 0;
+    let status = loop {
+        if let Ok(s) = std::fs::read_to_string(&status_file)
+            && let Some(kib) = s
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        {
+            max_rss_kib = max_rss_kib.max(kib);
+        }
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("still running after {limit:?}: killed"));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    Ok(Limited {
+        run: Run {
+            status,
+            stdout: std::fs::read_to_string(&out).unwrap(),
+            stderr: std::fs::read_to_string(&err).unwrap(),
+            elapsed: t0.elapsed(),
+        },
+        max_rss_kib,
+    })
+}
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_qcow2-bitmap"))
+}
+
+/// A one-line refusal naming `needle` and an offset, within the limits.
+fn judge_refusal(what: &str, r: &Run, needle: &str) -> Option<String> {
+    let line = r.stderr.trim_end();
+    let ok = r.status.code() == Some(1)
+        && r.stderr.lines().count() == 1
+        && line.starts_with("qcow2-bitmap: ")
+        && line.contains(needle);
+    (!ok).then(|| {
+        format!(
+            "{what}: want one refusal line naming {needle:?}, got {:?}: {:?}",
+            r.status, r.stderr
+        )
+    })
+}
+
+const CS: u64 = 1 << 16;
+
+/// A minimal qcow2 v3 image, 64 KiB clusters, as `qemu-img create` lays it
+/// out (header, refcount table, refcount block, L1 at 0x30000), with an
+/// optional backing file (format qcow2) and an optional data cluster of
+/// `fill` bytes at guest 0 (L2 table at 0x40000, data at 0x50000).
+fn minimal_qcow2(size: u64, backing: Option<&str>, fill: Option<u8>) -> Vec<u8> {
+    let l1_size = size.div_ceil(CS * (CS / 8)).max(1);
+    let mut b = vec![0u8; 0x30000 + 8 * l1_size as usize];
+    let put32 =
+        |b: &mut Vec<u8>, at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+    let put64 =
+        |b: &mut Vec<u8>, at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+    b[0..4].copy_from_slice(b"QFI\xfb");
+    put32(&mut b, 4, 3);
+    put32(&mut b, 20, 16);
+    put64(&mut b, 24, size);
+    put32(&mut b, 36, l1_size as u32);
+    put64(&mut b, 40, 0x30000);
+    put64(&mut b, 48, 0x10000);
+    put32(&mut b, 56, 1);
+    put32(&mut b, 96, 4);
+    put32(&mut b, 100, 112);
+    let mut at = 112;
+    if let Some(name) = backing {
+        // Backing-format extension "qcow2", the end marker, then the name.
+        put32(&mut b, at, ext_type::BACKING_FORMAT);
+        put32(&mut b, at + 4, 5);
+        b[at + 8..at + 13].copy_from_slice(b"qcow2");
+        at += 16 + 8;
+        put64(&mut b, 8, at as u64);
+        put32(&mut b, 16, name.len() as u32);
+        b[at..at + name.len()].copy_from_slice(name.as_bytes());
+    }
+    put64(&mut b, 0x10000, 0x20000);
+    let mut clusters = 4;
+    if let Some(fill) = fill {
+        put64(&mut b, 0x30000, (1 << 63) | 0x40000);
+        b.resize(0x60000, 0);
+        put64(&mut b, 0x40000, (1 << 63) | 0x50000);
+        b[0x50000..0x60000].fill(fill);
+        clusters = 6;
+    }
+    for c in 0..clusters {
+        b[0x20000 + 2 * c] = 0;
+        b[0x20000 + 2 * c + 1] = 1;
+    }
+    b
+}
+
+/// `map --json` of an image whose only data is guest cluster 0 at host
+/// 0x50000 of the member at `depth`, and whose bottom is at `bottom`.
+fn expected_map(size: u64, depth: usize, bottom: usize) -> String {
+    format!(
+        "[{{ \"start\": 0, \"length\": 65536, \"depth\": {depth}, \"present\": true, \"zero\": false, \"data\": true, \"compressed\": false, \"offset\": 327680}},\n\
+         {{ \"start\": 65536, \"length\": {}, \"depth\": {bottom}, \"present\": false, \"zero\": true, \"data\": false, \"compressed\": false}}]\n",
+        size - 65536
+    )
+}
+
+/// Hostile claims against the guest-data path: an L1 table of the maximum
+/// size (inside and past the file), L1 entries pointing at L2 tables past
+/// EOF (first and last), every L1 entry sharing one L2 table (zeros, or
+/// data past EOF). `map --json` and `map` finish within the limits, exit 0
+/// with the exact map or refuse with one line naming the entry.
+#[test]
+fn guest_map_on_hostile_claims_stays_bounded() {
+    if which("prlimit").is_none() {
+        eprintln!("SKIPPED: guest_map_on_hostile_claims_stays_bounded: prlimit not found");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    const MAX_L1: u64 = 4 << 20; // QEMU's entry limit (32 MiB)
+    let with = |size: u64, l1_size: u64, fill: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = minimal_qcow2(1 << 20, None, Some(0x5a));
+        b[24..32].copy_from_slice(&size.to_be_bytes());
+        b[36..40].copy_from_slice(&(l1_size as u32).to_be_bytes());
+        // The L1 table moves to the end of the file so that it overlaps nothing.
+        let at = b.len() as u64;
+        b[40..48].copy_from_slice(&at.to_be_bytes());
+        b.resize((at + 8 * l1_size) as usize, 0);
+        fill(&mut b);
+        (b, at)
+    };
+    let entry = |b: &mut Vec<u8>, at: u64, v: u64| {
+        b[at as usize..at as usize + 8].copy_from_slice(&v.to_be_bytes())
+    };
+    let span = CS * (CS / 8);
+    let far = 1u64 << 45;
+    let mut failures = Vec::new();
+    // (name, bytes, Ok(expected stdout) or Err(needle))
+    let mut cases: Vec<(&str, Vec<u8>, Result<String, String>)> = Vec::new();
+    {
+        let (b, _) = with(MAX_L1 * span, MAX_L1, &|_| {});
+        let size = MAX_L1 * span;
+        cases.push((
+            "2 PiB, a 32 MiB L1 table of zeros",
+            b,
+            Ok(format!(
+                "[{{ \"start\": 0, \"length\": {size}, \"depth\": 0, \"present\": false, \"zero\": true, \"data\": false, \"compressed\": false}}]\n"
+            )),
+        ));
+    }
+    {
+        let mut b = minimal_qcow2(1 << 20, None, None);
+        b[24..32].copy_from_slice(&(MAX_L1 * span).to_be_bytes());
+        b[36..40].copy_from_slice(&(MAX_L1 as u32).to_be_bytes());
+        cases.push((
+            "2 PiB, a 32 MiB L1 table past EOF",
+            b,
+            Err("at offset 40 ".to_string()),
+        ));
+    }
+    {
+        let mut b = minimal_qcow2(1 << 20, None, None);
+        b[36..40].copy_from_slice(&u32::MAX.to_be_bytes());
+        cases.push(("l1_size u32::MAX", b, Err("32 MiB L1 limit".into())));
+    }
+    let tib16 = 16u64 << 40;
+    let n16 = tib16 / span;
+    {
+        let (b, at) = with(tib16, n16, &|_| {});
+        let mut b = b;
+        for i in 0..n16 {
+            entry(&mut b, at + 8 * i, (1 << 63) | (far + i * CS));
+        }
+        cases.push((
+            "16 TiB, every L2 table past EOF",
+            b,
+            Err(format!("L1 table entry 0 at offset {at} ")),
+        ));
+    }
+    {
+        let (mut b, at) = with(tib16, n16, &|_| {});
+        let last = n16 - 1;
+        entry(&mut b, at + 8 * last, (1 << 63) | far);
+        cases.push((
+            "16 TiB, the last L2 table past EOF",
+            b,
+            Err(format!(
+                "L1 table entry {last} at offset {} ",
+                at + 8 * last
+            )),
+        ));
+    }
+    {
+        // Every L1 entry shares the one real L2 table (0x40000), which maps
+        // guest cluster 0 of each 512 MiB span to the data cluster.
+        let (mut b, at) = with(tib16, n16, &|_| {});
+        for i in 0..n16 {
+            entry(&mut b, at + 8 * i, (1 << 63) | 0x40000);
+        }
+        let mut want = String::from("[");
+        for i in 0..n16 {
+            if i > 0 {
+                want.push_str(",\n");
+            }
+            want.push_str(&format!(
+                "{{ \"start\": {}, \"length\": 65536, \"depth\": 0, \"present\": true, \"zero\": false, \"data\": true, \"compressed\": false, \"offset\": 327680}},\n\
+                 {{ \"start\": {}, \"length\": {}, \"depth\": 0, \"present\": false, \"zero\": true, \"data\": false, \"compressed\": false}}",
+                i * span,
+                i * span + CS,
+                span - CS
+            ));
+        }
+        want.push_str("]\n");
+        cases.push((
+            "16 TiB, every L1 entry sharing one L2 table",
+            b.clone(),
+            Ok(want),
+        ));
+        // The shared L2 table's data entry now points past EOF.
+        entry(&mut b, 0x40000, (1 << 63) | far);
+        cases.push((
+            "16 TiB, a shared L2 table with data past EOF",
+            b,
+            Err(format!("(L1 index 0, L2 index 0) at offset {} ", 0x40000)),
+        ));
+    }
+    for (name, bytes, want) in cases {
+        let img = dir.path().join("guest-hostile.qcow2");
+        std::fs::write(&img, &bytes).unwrap();
+        for args in [vec!["map", "--json"], vec!["map"]] {
+            let mut args = args;
+            args.push(img.to_str().unwrap());
+            let what = format!("{name}: {}", args.join(" "));
+            let r = match run_limited(dir.path(), AS_LIMIT, GUEST_TIME_LIMIT, bin(), &args, &[]) {
+                Ok(r) => r,
+                Err(e) => {
+                    failures.push(format!("{what}: {e}"));
+                    continue;
+                }
+            };
+            eprintln!("{what}: {:?}, {} KiB peak", r.run.elapsed, r.max_rss_kib);
+            if r.max_rss_kib > GUEST_RSS_LIMIT_KIB {
+                failures.push(format!("{what}: peak RSS {} KiB", r.max_rss_kib));
+            }
+            match &want {
+                Err(needle) => failures.extend(judge_refusal(&what, &r.run, needle)),
+                Ok(json) if args[1] == "--json" => {
+                    if r.run.status.code() != Some(0) || r.run.stdout != *json {
+                        failures.push(format!(
+                            "{what}: exit {:?}, stderr {:?}, stdout differs (first 300 bytes {:?})",
+                            r.run.status,
+                            r.run.stderr,
+                            &r.run.stdout[..r.run.stdout.len().min(300)]
+                        ));
+                    }
+                }
+                Ok(_) => {
+                    if r.run.status.code() != Some(0) {
+                        failures.push(format!("{what}: {:?} {:?}", r.run.status, r.run.stderr));
+                    }
+                }
+            }
+        }
+        assert_eq!(
+            std::fs::read(&img).unwrap(),
+            bytes,
+            "{name}: the image changed"
+        );
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A 16 TiB image with 64 scattered data clusters (QEMU-made): `map --json`
+/// equals `qemu-img map`, and `map --json` / `map` stay under 128 MiB of
+/// peak RSS; the library reads the scattered clusters back.
+#[test]
+fn guest_map_of_a_16_tib_image_stays_small() {
+    if which("prlimit").is_none()
+        || !qemu_available(
+            "guest_map_of_a_16_tib_image_stays_small",
+            &["qemu-img", "qemu-io"],
+        )
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("16t.qcow2");
+    let p = img.to_str().unwrap();
+    assert!(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", p, "16T"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let tib16 = 16u64 << 40;
+    let offsets: Vec<u64> = (0..64u64).map(|i| i * (tib16 / 64) + i * 7 * CS).collect();
+    let mut qio = Command::new("qemu-io");
+    for (i, off) in offsets.iter().enumerate() {
+        qio.arg("-c").arg(format!("write -P {} {off} 64k", i + 1));
+    }
+    let o = qio.arg(p).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let q = Command::new("qemu-img")
+        .args(["map", "--output=json", p])
+        .output()
+        .unwrap();
+    assert!(q.status.success());
+    let before = std::fs::read(&img).unwrap();
+    for args in [vec!["map", "--json", p], vec!["map", p]] {
+        let r = run_limited(dir.path(), AS_LIMIT, GUEST_TIME_LIMIT, bin(), &args, &[])
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        eprintln!(
+            "16 TiB {args:?}: {:?}, {} KiB peak",
+            r.run.elapsed, r.max_rss_kib
+        );
+        assert_eq!(r.run.status.code(), Some(0), "{}", r.run.stderr);
+        assert!(
+            r.max_rss_kib <= GUEST_RSS_LIMIT_KIB,
+            "peak RSS {} KiB",
+            r.max_rss_kib
+        );
+        if args[1] == "--json" {
+            assert_eq!(
+                r.run.stdout,
+                String::from_utf8_lossy(&q.stdout),
+                "map --json vs qemu-img map"
+            );
+        } else {
+            assert_eq!(r.run.stdout.lines().count(), 65, "{}", r.run.stdout);
+        }
+    }
+    let chain = qcow2_bitmap::guest::Chain::open(&img, qcow2_bitmap::lock::Access::Read).unwrap();
+    let mut reader = chain.reader();
+    let mut buf = vec![0u8; 2 * CS as usize];
+    for (i, off) in offsets.iter().enumerate() {
+        reader.read_at(*off, &mut buf).unwrap();
+        assert!(
+            buf[..CS as usize].iter().all(|&b| b == i as u8 + 1),
+            "cluster {i} at {off}"
+        );
+        assert!(
+            buf[CS as usize..].iter().all(|&b| b == 0),
+            "after cluster {i}"
+        );
+    }
+    assert_eq!(std::fs::read(&img).unwrap(), before);
+}
+
+/// Peak RSS of one command on the 1000-layer chain.
+const DEEP_CHAIN_RSS_LIMIT_KIB: u64 = 384 << 10;
+
+/// Layers of the deep chain (the base is layer 0, the top layer LAYERS - 1).
+const LAYERS: usize = 1000;
+
+/// `L0.qcow2` (data 0x5a in guest cluster 0) <- `L1.qcow2` <- ... <-
+/// `L999.qcow2`, hand-made (QEMU takes ~10 ms per create); returns the top.
+fn deep_chain(dir: &Path) -> std::path::PathBuf {
+    std::fs::write(
+        dir.join("L0.qcow2"),
+        minimal_qcow2(1 << 20, None, Some(0x5a)),
+    )
+    .unwrap();
+    for i in 1..LAYERS {
+        let name = format!("L{}.qcow2", i - 1);
+        std::fs::write(
+            dir.join(format!("L{i}.qcow2")),
+            minimal_qcow2(1 << 20, Some(&name), None),
+        )
+        .unwrap();
+    }
+    dir.join(format!("L{}.qcow2", LAYERS - 1))
+}
+
+/// A chain of 1000 layers: `map --json` of the top (the data at depth 999)
+/// and a library read falling through to the base, each under 1 GiB of
+/// address space and 20 s (QEMU has no depth limit; neither may we). The
+/// hand-made layers pass `qemu-img check` and map like QEMU maps them.
+#[test]
+fn guest_chain_of_1000_layers_maps_and_reads_within_limits() {
+    if which("prlimit").is_none() {
+        eprintln!(
+            "SKIPPED: guest_chain_of_1000_layers_maps_and_reads_within_limits: prlimit not found"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = Instant::now();
+    let top = deep_chain(dir.path());
+    eprintln!("1000-layer chain written in {:?}", t0.elapsed());
+    if which("qemu-img").is_some() {
+        // The hand-made layout is what QEMU accepts and reads.
+        for name in ["L0.qcow2", "L1.qcow2"] {
+            let (code, report) = qemu_check(&dir.path().join(name));
+            assert_eq!(code, 0, "qemu-img check {name}: {report}");
+        }
+        let l2 = dir.path().join("L2.qcow2");
+        let q = Command::new("qemu-img")
+            .args(["map", "--output=json"])
+            .arg(&l2)
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&q.stdout),
+            expected_map(1 << 20, 2, 2)
+        );
+        let ours = run(&["map", "--json", l2.to_str().unwrap()]);
+        assert_eq!(stdout(&ours), expected_map(1 << 20, 2, 2));
+    }
+    let p = top.to_str().unwrap();
+    let r = run_limited(
+        dir.path(),
+        GUEST_AS_LIMIT,
+        GUEST_TIME_LIMIT,
+        bin(),
+        &["map", "--json", p],
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("map --json of the top: {e}"));
+    eprintln!(
+        "1000 layers: map --json {:?}, {} KiB peak",
+        r.run.elapsed, r.max_rss_kib
+    );
+    assert_eq!(r.run.status.code(), Some(0), "{}", r.run.stderr);
+    assert_eq!(r.run.stdout, expected_map(1 << 20, LAYERS - 1, LAYERS - 1));
+    // Measured ~190 MiB: every layer's mapped header and L1 pages (kernel
+    // fault-around, ~190 KiB of clean file pages per layer). The bound
+    // catches a per-layer cost that grows with the cluster or file size.
+    assert!(
+        r.max_rss_kib <= DEEP_CHAIN_RSS_LIMIT_KIB,
+        "peak RSS {} KiB",
+        r.max_rss_kib
+    );
+    // The library read, in a child (this test binary, one ignored test) under the same limits.
+    let me = std::env::current_exe().unwrap();
+    let r = run_limited(
+        dir.path(),
+        GUEST_AS_LIMIT,
+        GUEST_TIME_LIMIT,
+        &me,
+        &[
+            "--exact",
+            "bounds::guest_chain_read_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ],
+        &[("QCOW2_BITMAP_CHAIN_TOP", &top)],
+    )
+    .unwrap_or_else(|e| panic!("library read of the top: {e}"));
+    eprintln!(
+        "1000 layers: library read {:?}, {} KiB peak",
+        r.run.elapsed, r.max_rss_kib
+    );
+    assert_eq!(
+        r.run.status.code(),
+        Some(0),
+        "{}{}",
+        r.run.stdout,
+        r.run.stderr
+    );
+    assert!(
+        r.max_rss_kib <= DEEP_CHAIN_RSS_LIMIT_KIB,
+        "peak RSS {} KiB",
+        r.max_rss_kib
+    );
+    assert!(
+        r.run.stdout.contains("1 passed"),
+        "the child ran no test: {}",
+        r.run.stdout
+    );
+}
+
+/// Helper of `guest_chain_of_1000_layers_maps_and_reads_within_limits`,
+/// which runs it under prlimit: opens the chain named by
+/// `QCOW2_BITMAP_CHAIN_TOP`, checks its depth, and reads a range that falls
+/// through every layer to the base.
+#[test]
+#[ignore = "run by guest_chain_of_1000_layers_maps_and_reads_within_limits"]
+fn guest_chain_read_child() {
+    let top = std::env::var_os("QCOW2_BITMAP_CHAIN_TOP").expect("QCOW2_BITMAP_CHAIN_TOP");
+    let chain = qcow2_bitmap::guest::Chain::open(Path::new(&top), qcow2_bitmap::lock::Access::Read)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(chain.members().len(), LAYERS);
+    let mut reader = chain.reader();
+    let st = reader.status(0, 1 << 20).unwrap();
+    assert_eq!((st.depth, st.len), (LAYERS - 1, CS));
+    let mut buf = vec![0u8; 3 * CS as usize];
+    reader.read_at(CS / 2, &mut buf).unwrap();
+    let (data, zeros) = buf.split_at(CS as usize / 2);
+    assert!(data.iter().all(|&b| b == 0x5a), "base data");
+    assert!(zeros.iter().all(|&b| b == 0), "unallocated everywhere");
+}
+
+/// A self-loop and a two-image loop are refused in time with one line
+/// (QEMU's map and qemu-io never return on them).
+#[test]
+fn guest_backing_loops_are_refused_in_time() {
+    if which("prlimit").is_none() {
+        eprintln!("SKIPPED: guest_backing_loops_are_refused_in_time: prlimit not found");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("self.qcow2"),
+        minimal_qcow2(1 << 20, Some("self.qcow2"), None),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("la.qcow2"),
+        minimal_qcow2(1 << 20, Some("lb.qcow2"), None),
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("lb.qcow2"),
+        minimal_qcow2(1 << 20, Some("la.qcow2"), Some(1)),
+    )
+    .unwrap();
+    // The control: lb naming a real base maps.
+    std::fs::write(d.join("base.qcow2"), minimal_qcow2(1 << 20, None, None)).unwrap();
+    std::fs::write(
+        d.join("ok.qcow2"),
+        minimal_qcow2(1 << 20, Some("base.qcow2"), Some(1)),
+    )
+    .unwrap();
+    let ok = run(&["map", "--json", d.join("ok.qcow2").to_str().unwrap()]);
+    assert_eq!(stdout(&ok), expected_map(1 << 20, 0, 1), "{}", stderr(&ok));
+    for name in ["self.qcow2", "la.qcow2", "lb.qcow2"] {
+        let img = d.join(name);
+        let r = run_limited(
+            d,
+            AS_LIMIT,
+            TIME_LIMIT,
+            bin(),
+            &["map", "--json", img.to_str().unwrap()],
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        if let Some(f) = judge_refusal(name, &r.run, "creates a loop") {
+            panic!("{f}");
+        }
+    }
+}
