@@ -231,12 +231,18 @@ fn probe(storage: &MappedFile) -> Format {
 }
 
 fn open_qcow2(path: PathBuf, storage: MappedFile, opts: &OpenOptions) -> Result<Member> {
-    let mut scratch = Vec::new();
-    let first = storage.len().min(2 << 20) as usize;
-    let head = storage
-        .read_at(0, first, &mut scratch)
+    // Copied, not borrowed from the mapping: a chain of a thousand members
+    // would otherwise keep a thousand mapped header clusters resident.
+    let mut small = vec![0u8; storage.len().min(4096) as usize];
+    storage
+        .copy_at(0, &mut small)
         .map_err(|e| Error::io("qcow2 header", Some(0), e))?;
-    let header = Header::decode(head)?;
+    let header = Header::decode(&small)?;
+    let mut head = vec![0u8; storage.len().min(header.geometry().cluster_size()) as usize];
+    storage
+        .copy_at(0, &mut head)
+        .map_err(|e| Error::io("qcow2 header", Some(0), e))?;
+    let head = &head[..];
     let cs = header.geometry().cluster_size();
     let cluster0 = &head[..head.len().min(cs as usize)];
     let start = header.extensions_start() as usize;

@@ -334,13 +334,12 @@ impl Qcow2Layer {
 
     fn l1_entry(&self, index: u64) -> Result<Option<u64>> {
         let at = self.header.l1_table_offset + index * 8;
-        let mut scratch = Vec::new();
-        let bytes = self
-            .storage
-            .read_at(at, 8, &mut scratch)
-            .map_err(|e| Error::io("L1 table", Some(at), e))?;
+        // One pread per L1 entry (one per 512 MiB of guest at 64 KiB
+        // clusters): the mapping's pages would stay resident per member.
         let mut a = [0u8; 8];
-        a.copy_from_slice(bytes);
+        self.storage
+            .copy_at(at, &mut a)
+            .map_err(|e| Error::io("L1 table", Some(at), e))?;
         let e = u64::from_be_bytes(a);
         let object = || format!("L1 table entry {index}");
         if e & L1_REFUSED_MASK != 0 {

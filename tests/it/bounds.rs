@@ -776,8 +776,9 @@ fn guest_map_of_a_16_tib_image_stays_small() {
     assert_eq!(std::fs::read(&img).unwrap(), before);
 }
 
-/// Peak RSS of one command on the 1000-layer chain.
-const DEEP_CHAIN_RSS_LIMIT_KIB: u64 = 384 << 10;
+/// Peak RSS of one command on the 1000-layer chain (about 6 MiB measured:
+/// headers and L1 entries are read with pread, not through the mapping).
+const DEEP_CHAIN_RSS_LIMIT_KIB: u64 = 32 << 10;
 
 /// Layers of the deep chain (the base is layer 0, the top layer LAYERS - 1).
 const LAYERS: usize = 1000;
