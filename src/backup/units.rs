@@ -10,8 +10,12 @@
 use crate::error::Result;
 use crate::guest::{MapEntry, Reader};
 
-/// Guest bytes mapped per window.
-const WINDOW: u64 = 64 << 20;
+/// Guest bytes mapped per window: 16384 clusters (1 GiB at 64 KiB), so a
+/// window holds at most that many map entries and a 16 TiB disk is walked
+/// in 16384 windows; 1 GiB for raw outputs.
+fn window(cluster: Option<u64>) -> u64 {
+    cluster.map_or(1 << 30, |cs| cs << 14)
+}
 
 /// What a unit holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,7 +106,7 @@ where
     fn range(&mut self, reader: &mut Reader<'_>, a: u64, b: u64) -> Result<()> {
         let mut at = a;
         while at < b {
-            let end = b.min(at.saturating_add(WINDOW));
+            let end = b.min(at.saturating_add(window(self.cluster)));
             self.entries.clear();
             for e in reader.map(at, end - at)? {
                 self.entries.push(e?);
