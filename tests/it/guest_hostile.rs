@@ -43,23 +43,6 @@ const COPIED: u64 = 1 << 63;
 const COMPRESSED: u64 = 1 << 62;
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 
-/// Runs a QEMU tool; fails on a nonzero exit or a failed qemu-io command.
-fn tool(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    let (o, e) = (stdout(&out), stderr(&out));
-    let failed = !out.status.success() || o.contains("failed") || e.contains("failed");
-    assert!(
-        !failed,
-        "{cmd} {} exited {}:\n{o}{e}",
-        args.join(" "),
-        out.status
-    );
-    o
-}
-
 fn p(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
 }

@@ -39,45 +39,6 @@ const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 const TIB: u64 = 1 << 40;
 
-/// SplitMix64: small, seedable, good enough to pick test shapes.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        splitmix64(&mut self.0)
-    }
-
-    /// Uniform in `[lo, hi]`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.range(0, items.len() as u64 - 1) as usize]
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.range(1, 100) <= percent
-    }
-}
-
-/// Runs a QEMU tool and returns its stdout, failing on a nonzero exit or a failed qemu-io command.
-fn tool(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    let (o, e) = (stdout(&out), stderr(&out));
-    let failed = !out.status.success() || o.contains("failed") || e.contains("failed");
-    assert!(
-        !failed,
-        "{cmd} {} exited {}:\n{o}{e}",
-        args.join(" "),
-        out.status
-    );
-    o
-}
-
 fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 temp path")
 }

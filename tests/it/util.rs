@@ -437,3 +437,43 @@ pub fn guest_fingerprint(bytes: &[u8]) -> String {
 pub fn guest_fingerprint_of(path: &Path) -> String {
     guest_fingerprint(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
 }
+
+/// SplitMix64 picks of test shapes (seedable; `QCOW2_BITMAP_SEED` replays).
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        splitmix64(&mut self.0)
+    }
+
+    /// Uniform in `[lo, hi]`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+
+    pub fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.range(0, items.len() as u64 - 1) as usize]
+    }
+
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.range(1, 100) <= percent
+    }
+}
+
+/// Runs a QEMU tool and returns its stdout, failing on a nonzero exit or a
+/// failed qemu-io command (qemu-io reports those on stdout and exits 0).
+pub fn tool(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    let (o, e) = (stdout(&out), stderr(&out));
+    let failed = !out.status.success() || o.contains("failed") || e.contains("failed");
+    assert!(
+        !failed,
+        "{cmd} {} exited {}:\n{o}{e}",
+        args.join(" "),
+        out.status
+    );
+    o
+}
