@@ -12,6 +12,8 @@
 //! - `bounds`: huge-claim images through the binary under `prlimit --as` and a time limit.
 //! - `kill`: SIGKILL write commands at random moments on a 16 TiB image
 //!   (`QCOW2_BITMAP_KILL_TRIALS=N` for a long run, `QCOW2_BITMAP_SEED` to replay).
+//! - `backup`: offline full and incremental backups, restore, apply and verify against
+//!   QEMU (compare, check, map, blockdev-backup), refusals and the manifest schema.
 
 #[path = "it/util.rs"]
 mod util;
@@ -57,3 +59,6 @@ mod guest_live;
 
 #[path = "it/guest_fixtures.rs"]
 mod guest_fixtures;
+
+#[path = "it/backup.rs"]
+mod backup;

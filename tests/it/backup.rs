@@ -1,0 +1,422 @@
+//! Offline backups (`backup`, `restore`, `apply`, `verify`) against QEMU's tools:
+//! - `backup_chain_as_users_run_it`: a full backup, a checkpoint, then seeded rounds of
+//!   random guest writes, each followed by an incremental backup with `--next` rotation;
+//!   every link compares identical with the source, passes `qemu-img check` and `verify`,
+//!   the bitmaps rotate as `--then` says; restores to qcow2 and raw, and raw incrementals
+//!   `apply`d onto a raw full backup, give the source's bytes
+//!   (`QCOW2_BITMAP_BACKUP_ROUNDS`, `QCOW2_BITMAP_SEED`);
+//! - `backup_matches_qemu_blockdev_backup`: the same round made by QEMU
+//!   (qemu-storage-daemon, `blockdev-backup sync=bitmap bitmap-mode=never`) restores to the
+//!   same content, and its depth-0 map (data and zero ranges) equals ours;
+//! - `backup_sources_of_every_shape`: backing chains, compressed clusters (zlib, zstd),
+//!   extended L2, an external data file, 512 B and 2 MiB clusters, an odd virtual size;
+//!   plain and `-c` backups;
+//! - `backup_zeros_after_trim_are_stored`: discarded and zeroed data is stored as zeros;
+//! - `verify_restore_apply_detect_broken_chains`: flipped data bytes (top and lower link),
+//!   removed and edited manifest extents, a swapped backing file, a changed virtual size;
+//! - `backup_refusals_create_nothing`: every refusal exits 1 with one error line and
+//!   leaves the directory and the source as they were;
+//! - `backup_json_summary_and_manifest_schema`: the `--json` keys, the manifest schema and
+//!   every CRC-32 recomputed from `qemu-img convert -O raw` of the source.
+
+use crate::util::*;
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Instant;
+
+const TOOLS: &[&str] = &["qemu-img", "qemu-io"];
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        splitmix64(&mut self.0)
+    }
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.range(0, items.len() as u64 - 1) as usize]
+    }
+}
+
+/// Runs a tool in `dir` and asserts success (qemu-io reports failures on stdout).
+fn sh(dir: &Path, prog: &str, args: &[&str]) -> Output {
+    let out = Command::new(prog)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{prog}: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("failed") && !text.contains("error"),
+        "{prog} {args:?} failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn qemu_io(dir: &Path, img: &str, cmds: &[String]) {
+    let mut args: Vec<&str> = vec!["-f", "qcow2"];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(img);
+    sh(dir, "qemu-io", &args);
+}
+
+fn ours(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qcow2-bitmap"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run qcow2-bitmap")
+}
+
+/// Runs our binary and asserts exit 0.
+fn ours_ok(dir: &Path, args: &[&str]) -> Output {
+    let o = ours(dir, args);
+    assert!(
+        o.status.success(),
+        "qcow2-bitmap {args:?}: exit {:?}: {}{}",
+        o.status.code(),
+        stdout(&o),
+        stderr(&o)
+    );
+    o
+}
+
+/// `qemu-img compare A B` reports the images identical.
+fn assert_identical(dir: &Path, a: &str, b: &str, what: &str) {
+    let o = Command::new("qemu-img")
+        .args(["compare", a, b])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.code() == Some(0) && stdout(&o).contains("Images are identical."),
+        "{what}: qemu-img compare {a} {b}: {}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+}
+
+/// `qemu-img check` exits 0.
+fn assert_check(dir: &Path, img: &str, what: &str) {
+    let (rc, doc) = qemu_check(&dir.join(img));
+    assert_eq!(rc, 0, "{what}: qemu-img check {img}: {doc}");
+}
+
+/// `qemu-img map --output=json`.
+fn qemu_map(dir: &Path, img: &str) -> Vec<Value> {
+    let o = sh(dir, "qemu-img", &["map", "--output=json", img]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    v.as_array().unwrap().clone()
+}
+
+/// The depth-0 ranges of a map, merged: (start, length, zero).
+fn depth0(map: &[Value]) -> Vec<(u64, u64, bool)> {
+    let mut out: Vec<(u64, u64, bool)> = Vec::new();
+    for e in map {
+        if e["depth"] != 0 || e["present"] != true {
+            continue;
+        }
+        let (s, l, z) = (
+            e["start"].as_u64().unwrap(),
+            e["length"].as_u64().unwrap(),
+            e["zero"].as_bool().unwrap(),
+        );
+        match out.last_mut() {
+            Some(p) if p.0 + p.1 == s && p.2 == z => p.1 += l,
+            _ => out.push((s, l, z)),
+        }
+    }
+    out
+}
+
+/// The guest bytes of `img` (through its chain), by `qemu-img convert -O raw`.
+fn guest_bytes(dir: &Path, img: &str) -> Vec<u8> {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("guest.raw");
+    sh(
+        dir,
+        "qemu-img",
+        &["convert", "-O", "raw", img, out.to_str().unwrap()],
+    );
+    std::fs::read(out).unwrap()
+}
+
+fn json_file(dir: &Path, name: &str) -> Value {
+    read_json(&dir.join(name))
+}
+
+fn write_json(dir: &Path, name: &str, v: &Value) {
+    std::fs::write(dir.join(name), serde_json::to_vec_pretty(v).unwrap()).unwrap();
+}
+
+/// File names in `dir` (hidden temporaries included).
+fn listing(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+fn random_file(dir: &Path, name: &str, rng: &mut Rng, len: u64) {
+    let bytes: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+    std::fs::write(dir.join(name), bytes).unwrap();
+}
+
+/// Asserts a refusal: exit 1, one stderr line `qcow2-bitmap: ...` holding every
+/// word in `words` (case-insensitive), no file created or removed in `dir`, and
+/// every file in `keep` byte-identical. Returns the error line.
+fn refused(dir: &Path, args: &[&str], words: &[&str], keep: &[&str]) -> String {
+    let before = listing(dir);
+    let sums: Vec<String> = keep.iter().map(|f| sha256_file(&dir.join(f))).collect();
+    let o = ours(dir, args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{args:?}: exit status ({err})");
+    assert_eq!(err.lines().count(), 1, "{args:?}: one error line: {err:?}");
+    assert!(
+        err.starts_with("qcow2-bitmap: "),
+        "{args:?}: error prefix: {err:?}"
+    );
+    let low = err.to_lowercase();
+    for w in words {
+        assert!(
+            low.contains(&w.to_lowercase()),
+            "{args:?}: the error should say {w:?}: {err:?}"
+        );
+    }
+    assert_eq!(listing(dir), before, "{args:?}: files created or removed");
+    for (f, s) in keep.iter().zip(&sums) {
+        assert_eq!(&sha256_file(&dir.join(f)), s, "{args:?}: {f} changed");
+    }
+    err.trim_end().to_string()
+}
+
+/// The clusters of `img` that are unallocated (present: false) in its map.
+fn unallocated_clusters(dir: &Path, img: &str, cs: u64) -> Vec<u64> {
+    let mut out = Vec::new();
+    for e in qemu_map(dir, img) {
+        if e["present"] == false {
+            let s = e["start"].as_u64().unwrap();
+            let end = s + e["length"].as_u64().unwrap();
+            let mut c = s.div_ceil(cs);
+            while (c + 1) * cs <= end {
+                out.push(c);
+                c += 1;
+            }
+        }
+    }
+    out
+}
+
+/// One round of random guest writes: compressed writes on whole unallocated
+/// clusters (first), data from `pattern.bin` (`PATTERN` bytes), patterns at
+/// unaligned offsets, zeroes, discards and the disk's last bytes.
+const PATTERN: u64 = 1 << 20;
+
+fn round_cmds(rng: &mut Rng, size: u64, cs: u64, free: &[u64]) -> Vec<String> {
+    let mut cmds = Vec::new();
+    let mut used = Vec::new();
+    for _ in 0..rng.range(0, 2) {
+        if free.is_empty() {
+            break;
+        }
+        let c = rng.pick(free);
+        if used.contains(&c) || (c + 1) * cs > size {
+            continue;
+        }
+        used.push(c);
+        cmds.push(format!("write -c -s pattern.bin {} {cs}", c * cs));
+    }
+    for _ in 0..rng.range(5, 10) {
+        let off = rng.range(0, size / 512 - 1) * 512;
+        let len = (rng.range(1, 256) * 512).min(size - off);
+        let cmd = match rng.range(0, 6) {
+            0 | 1 => format!("write -s pattern.bin {off} {}", len.min(PATTERN)),
+            2 => {
+                // Unaligned, byte granular.
+                let off = rng.range(0, size - 2);
+                let len = rng.range(1, 100_000).min(size - off);
+                format!("write -P {} {off} {len}", rng.range(1, 255))
+            }
+            3 => format!("write -z {off} {len}"),
+            4 => format!("discard {off} {}", len.max(cs)),
+            5 => {
+                let len = rng.pick(&[512, 4 * KIB, 64 * KIB, 100 * KIB]).min(size);
+                format!("write -s pattern.bin {} {len}", size - len)
+            }
+            _ => {
+                let len = rng.range(1, 64 * KIB).min(size - 1);
+                format!("write -P 0x7e {} {len}", size - len)
+            }
+        };
+        cmds.push(cmd);
+    }
+    // A discard may run past the end; qemu-io refuses that.
+    cmds.iter()
+        .map(|c| match c.strip_prefix("discard ") {
+            Some(rest) => {
+                let mut it = rest.split(' ').map(|x| x.parse::<u64>().unwrap());
+                let (o, l) = (it.next().unwrap(), it.next().unwrap());
+                format!("discard {o} {}", l.min(size - o))
+            }
+            None => c.clone(),
+        })
+        .collect()
+}
+
+fn bitmap_flags(dir: &Path, img: &str, name: &str) -> Option<Vec<String>> {
+    qemu_info_bitmaps(&dir.join(img))
+        .into_iter()
+        .find(|b| b.0 == name)
+        .map(|b| b.2)
+}
+
+#[test]
+fn backup_chain_as_users_run_it() {
+    if !qemu_available("backup_chain_as_users_run_it", TOOLS) {
+        return;
+    }
+    let started = Instant::now();
+    let seed = env_u64("QCOW2_BITMAP_SEED").unwrap_or(0xb4c_0000_0001);
+    let rounds = env_u64("QCOW2_BITMAP_BACKUP_ROUNDS").unwrap_or(5);
+    let mut rng = Rng(seed);
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let size = 64 * MIB + rng.pick(&[0, 4 * KIB, 192 * KIB]);
+    let cs = 64 * KIB;
+    let what = format!("seed {seed:#x} size {size}");
+    sh(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=65536",
+            "src.qcow2",
+            &size.to_string(),
+        ],
+    );
+    random_file(d, "pattern.bin", &mut rng, PATTERN);
+    let seed_cmds = round_cmds(&mut rng, size, cs, &[]);
+    qemu_io(d, "src.qcow2", &seed_cmds);
+    ours_ok(d, &["backup", "src.qcow2", "b0.qcow2"]);
+    assert_identical(d, "src.qcow2", "b0.qcow2", &what);
+    assert_check(d, "b0.qcow2", &what);
+    ours_ok(d, &["verify", "b0.qcow2", "--source", "src.qcow2"]);
+    sh(d, "qemu-img", &["bitmap", "--add", "src.qcow2", "c0"]);
+    let thens = [Some("disable"), Some("remove"), Some("keep"), None];
+    for i in 1..=rounds {
+        random_file(d, "pattern.bin", &mut rng, PATTERN);
+        let free = unallocated_clusters(d, "src.qcow2", cs);
+        let cmds = round_cmds(&mut rng, size, cs, &free);
+        qemu_io(d, "src.qcow2", &cmds);
+        let what = format!("{what} round {i} {cmds:?}");
+        let (cur, prev, link, next) = (
+            format!("c{}", i - 1),
+            format!("b{}.qcow2", i - 1),
+            format!("b{i}.qcow2"),
+            format!("c{i}"),
+        );
+        let raw = format!("r{i}.raw");
+        // A raw incremental of the same bitmap first (no rotation).
+        ours_ok(
+            d,
+            &["backup", "--format", "raw", "--bitmap", &cur, "src.qcow2", &raw],
+        );
+        let then = thens[(i as usize - 1 + (seed as usize)) % thens.len()];
+        let mut args = vec![
+            "backup",
+            "--bitmap",
+            &cur,
+            "--backing",
+            &prev,
+            "--next",
+            &next,
+        ];
+        if let Some(t) = then {
+            args.extend(["--then", t]);
+        }
+        args.extend(["src.qcow2", &link]);
+        ours_ok(d, &args);
+        assert_identical(d, "src.qcow2", &link, &what);
+        assert_check(d, &link, &what);
+        ours_ok(d, &["verify", &link, "--source", "src.qcow2"]);
+        assert_eq!(
+            bitmap_flags(d, "src.qcow2", &next),
+            Some(vec!["auto".to_string()]),
+            "{what}: {next} added enabled"
+        );
+        let old = bitmap_flags(d, "src.qcow2", &cur);
+        match then.unwrap_or("keep") {
+            "keep" => assert_eq!(old, Some(vec!["auto".into()]), "{what}: {cur} kept"),
+            "disable" => assert_eq!(old, Some(vec![]), "{what}: {cur} disabled"),
+            _ => assert_eq!(old, None, "{what}: {cur} removed"),
+        }
+        let m = json_file(d, &format!("{link}.json"));
+        assert_eq!(m["kind"], "incremental", "{what}");
+        assert_eq!(m["backing"]["filename"], prev.as_str(), "{what}");
+    }
+    let top = format!("b{rounds}.qcow2");
+    ours_ok(d, &["restore", &top, "restored.qcow2"]);
+    assert_identical(d, "src.qcow2", "restored.qcow2", &what);
+    assert_check(d, "restored.qcow2", &what);
+    assert!(
+        qemu_map(d, "restored.qcow2")
+            .iter()
+            .all(|e| e["depth"] == 0 && (e["data"] == true || e["present"] == false)),
+        "{what}: the restore is standalone and sparse"
+    );
+    ours_ok(
+        d,
+        &["restore", "--format", "raw", &top, "restored.raw"],
+    );
+    let want = guest_bytes(d, "src.qcow2");
+    assert!(
+        std::fs::read(d.join("restored.raw")).unwrap() == want,
+        "{what}: raw restore differs from the source"
+    );
+    // Raw incrementals applied in order onto a raw copy of the full backup.
+    ours_ok(d, &["restore", "--format", "raw", "b0.qcow2", "base.raw"]);
+    assert!(
+        std::fs::read(d.join("base.raw")).unwrap() == guest_bytes(d, "b0.qcow2"),
+        "{what}: raw restore of the full backup"
+    );
+    for i in 1..=rounds {
+        ours_ok(d, &["apply", &format!("r{i}.raw"), "base.raw"]);
+    }
+    let got = std::fs::read(d.join("base.raw")).unwrap();
+    if got != want {
+        let at = got.iter().zip(&want).position(|(a, b)| a != b);
+        panic!("{what}: applied chain differs from the source at {at:?}");
+    }
+    ours_ok(d, &["apply", &format!("r{rounds}.raw"), "base.raw"]);
+    assert!(
+        std::fs::read(d.join("base.raw")).unwrap() == want,
+        "{what}: apply run twice changed the target"
+    );
+    eprintln!(
+        "backup_chain_as_users_run_it: {rounds} rounds in {:?}",
+        started.elapsed()
+    );
+}
