@@ -342,7 +342,15 @@ fn backup_chain_as_users_run_it() {
         // A raw incremental of the same bitmap first (no rotation).
         ours_ok(
             d,
-            &["backup", "--format", "raw", "--bitmap", &cur, "src.qcow2", &raw],
+            &[
+                "backup",
+                "--format",
+                "raw",
+                "--bitmap",
+                &cur,
+                "src.qcow2",
+                &raw,
+            ],
         );
         let then = thens[(i as usize - 1 + (seed as usize)) % thens.len()];
         let mut args = vec![
@@ -387,10 +395,7 @@ fn backup_chain_as_users_run_it() {
             .all(|e| e["depth"] == 0 && (e["data"] == true || e["present"] == false)),
         "{what}: the restore is standalone and sparse"
     );
-    ours_ok(
-        d,
-        &["restore", "--format", "raw", &top, "restored.raw"],
-    );
+    ours_ok(d, &["restore", "--format", "raw", &top, "restored.raw"]);
     let want = guest_bytes(d, "src.qcow2");
     assert!(
         std::fs::read(d.join("restored.raw")).unwrap() == want,
@@ -430,9 +435,11 @@ fn qemu_blockdev_backup(dir: &Path, src: &str, bitmap: &str, target: &str) {
         "driver": "qcow2", "node-name": "tgt",
         "file": {"driver": "file", "filename": dir.join(target).display().to_string()}}}));
     assert!(r.get("return").is_some(), "blockdev-add: {r}");
-    let r = q.execute(serde_json::json!({"execute": "blockdev-backup", "arguments": {
+    let r = q.execute(
+        serde_json::json!({"execute": "blockdev-backup", "arguments": {
         "job-id": "j0", "device": "q0", "target": "tgt", "sync": "bitmap",
-        "bitmap": bitmap, "bitmap-mode": "never", "auto-dismiss": false}}));
+        "bitmap": bitmap, "bitmap-mode": "never", "auto-dismiss": false}}),
+    );
     assert!(r.get("return").is_some(), "blockdev-backup: {r}");
     let deadline = Instant::now() + std::time::Duration::from_secs(60);
     loop {
@@ -442,7 +449,10 @@ fn qemu_blockdev_backup(dir: &Path, src: &str, bitmap: &str, target: &str) {
             .and_then(|a| a.iter().find(|j| j["id"] == "j0").cloned())
             .unwrap_or_else(|| panic!("job j0 vanished: {jobs}"));
         if job["status"] == "concluded" {
-            assert!(job.get("error").is_none(), "QEMU's backup job failed: {job}");
+            assert!(
+                job.get("error").is_none(),
+                "QEMU's backup job failed: {job}"
+            );
             break;
         }
         assert!(Instant::now() < deadline, "QEMU's backup job hangs: {job}");
@@ -450,7 +460,8 @@ fn qemu_blockdev_backup(dir: &Path, src: &str, bitmap: &str, target: &str) {
     }
     let r = q.execute(serde_json::json!({"execute": "job-dismiss", "arguments": {"id": "j0"}}));
     assert!(r.get("return").is_some(), "job-dismiss: {r}");
-    let r = q.execute(serde_json::json!({"execute": "blockdev-del", "arguments": {"node-name": "tgt"}}));
+    let r = q
+        .execute(serde_json::json!({"execute": "blockdev-del", "arguments": {"node-name": "tgt"}}));
     assert!(r.get("return").is_some(), "blockdev-del: {r}");
     let _ = q.execute(serde_json::json!({"execute": "quit"}));
 }
@@ -475,7 +486,14 @@ fn backup_matches_qemu_blockdev_backup() {
         sh(
             d,
             "qemu-img",
-            &["create", "-q", "-f", "qcow2", "src.qcow2", &size.to_string()],
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "src.qcow2",
+                &size.to_string(),
+            ],
         );
         random_file(d, "pattern.bin", &mut rng, PATTERN);
         let cmds = round_cmds(&mut rng, size, cs, &[]);
@@ -492,18 +510,39 @@ fn backup_matches_qemu_blockdev_backup() {
         let src_sum = sha256_file(&d.join("src.qcow2"));
         ours_ok(
             d,
-            &["backup", "--bitmap", "c0", "--backing", "b0.qcow2", "src.qcow2", "ours.qcow2"],
+            &[
+                "backup",
+                "--bitmap",
+                "c0",
+                "--backing",
+                "b0.qcow2",
+                "src.qcow2",
+                "ours.qcow2",
+            ],
         );
         sh(
             d,
             "qemu-img",
             &[
-                "create", "-q", "-f", "qcow2", "-b", "b0.qcow2", "-F", "qcow2", "-o",
-                "cluster_size=65536", "qemu.qcow2",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "b0.qcow2",
+                "-F",
+                "qcow2",
+                "-o",
+                "cluster_size=65536",
+                "qemu.qcow2",
             ],
         );
         qemu_blockdev_backup(d, "src.qcow2", "c0", "qemu.qcow2");
-        assert_eq!(sha256_file(&d.join("src.qcow2")), src_sum, "{what}: source written");
+        assert_eq!(
+            sha256_file(&d.join("src.qcow2")),
+            src_sum,
+            "{what}: source written"
+        );
         assert_identical(d, "src.qcow2", "qemu.qcow2", &format!("{what}: QEMU's"));
         assert_identical(d, "qemu.qcow2", "ours.qcow2", &what);
         ours_ok(d, &["restore", "qemu.qcow2", "qemu-restored.qcow2"]);
@@ -514,7 +553,10 @@ fn backup_matches_qemu_blockdev_backup() {
             depth0(&qemu_map(d, "ours.qcow2")),
         );
         assert!(!q.is_empty(), "{what}: QEMU's delta is empty");
-        assert_eq!(o, q, "{what}: depth-0 map (start, length, zero) differs from QEMU's");
+        assert_eq!(
+            o, q,
+            "{what}: depth-0 map (start, length, zero) differs from QEMU's"
+        );
         data_ranges += q.iter().filter(|r| !r.2).count();
         zero_ranges += q.iter().filter(|r| r.2).count();
     }
@@ -522,4 +564,278 @@ fn backup_matches_qemu_blockdev_backup() {
         data_ranges > 0 && zero_ranges > 0,
         "the rounds made {data_ranges} data and {zero_ranges} zero ranges: both kinds needed"
     );
+}
+
+/// One source shape: how to make it (commands in the directory), the writes
+/// before the full backup and after the checkpoint.
+struct ShapeCase {
+    name: &'static str,
+    create: Vec<Vec<String>>,
+    before: Vec<String>,
+    after: Vec<String>,
+}
+
+fn cmd(parts: &[&str]) -> Vec<String> {
+    parts.iter().map(|s| s.to_string()).collect()
+}
+
+fn create(opts: &str, size: &str) -> Vec<String> {
+    cmd(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        opts,
+        "src.qcow2",
+        size,
+    ])
+}
+
+fn cmds(list: &[&str]) -> Vec<String> {
+    cmd(list)
+}
+
+fn shape_cases() -> Vec<ShapeCase> {
+    let odd = 5 * MIB + 3 * 512; // not a multiple of the cluster size
+    vec![
+        ShapeCase {
+            name: "qcow2 over qcow2 over raw",
+            create: vec![
+                cmd(&["truncate", "-s", "8M", "base.raw"]),
+                cmd(&[
+                    "qemu-io",
+                    "-f",
+                    "raw",
+                    "-c",
+                    "write -P 0x11 0 1M",
+                    "-c",
+                    "write -s pattern.bin 3M 512k",
+                    "-c",
+                    "write -P 0x12 7340032 1048576",
+                    "base.raw",
+                ]),
+                cmd(&[
+                    "qemu-img",
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-b",
+                    "base.raw",
+                    "-F",
+                    "raw",
+                    "mid.qcow2",
+                    "8M",
+                ]),
+                cmd(&[
+                    "qemu-io",
+                    "-f",
+                    "qcow2",
+                    "-c",
+                    "write -P 0x22 512k 1M",
+                    "-c",
+                    "write -z 3M 64k",
+                    "-c",
+                    "write -c -s pattern.bin 5M 64k",
+                    "mid.qcow2",
+                ]),
+                cmd(&[
+                    "qemu-img",
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-b",
+                    "mid.qcow2",
+                    "-F",
+                    "qcow2",
+                    "src.qcow2",
+                    "8M",
+                ]),
+            ],
+            before: cmds(&["write -P 0x33 1M 128k", "write -z 7M 64k"]),
+            after: cmds(&[
+                "write -P 0x44 4096 512",     // COW from the raw base
+                "discard 512k 64k",           // over mid's data: zeros over the backing file
+                "write -z 3276800 4096",      // partial zero inside raw data
+                "write -P 0x45 5M 1000",      // inside mid's compressed cluster
+                "write -P 0x46 8387584 1024", // the disk's last bytes, over the raw base
+            ]),
+        },
+        ShapeCase {
+            name: "zlib compressed clusters",
+            create: vec![create("cluster_size=65536", "8M")],
+            before: cmds(&[
+                "write -c -s pattern.bin 0 192k",
+                "write -c -P 0x5a 1M 64k",
+                "write -c -P 0x5b 8323072 65536",
+            ]),
+            after: cmds(&[
+                "write -c -P 0x5c 2M 64k",
+                "write -P 0x5d 4096 512",
+                "discard 1M 64k",
+                "write -P 0x5e 8388000 608",
+            ]),
+        },
+        ShapeCase {
+            name: "zstd compressed clusters",
+            create: vec![create("cluster_size=65536,compression_type=zstd", "8M")],
+            before: cmds(&[
+                "write -c -s pattern.bin 0 192k",
+                "write -c -P 0x5a 1M 64k",
+                "write -P 0x5b 3M 512k",
+            ]),
+            after: cmds(&[
+                "write -c -P 0x5c 2M 64k",
+                "write -P 0x5d 70000 512",
+                "write -z 128k 64k",
+            ]),
+        },
+        ShapeCase {
+            name: "extended L2",
+            create: vec![create("cluster_size=65536,extended_l2=on", "8M")],
+            before: cmds(&[
+                "write -P 0x61 0 4k",
+                "write -s pattern.bin 8k 4k",
+                "write -z 16k 4k",
+                "write -P 0x62 1M 64k",
+                "write -c -P 0x63 2M 64k",
+            ]),
+            after: cmds(&[
+                "write -P 0x64 4k 4k",
+                "write -z 0 4k",
+                "write -z 1M 4k",
+                "discard 1052672 4096",
+                "write -P 0x65 3M 4k",
+                "write -P 0x66 8384512 4096",
+            ]),
+        },
+        ShapeCase {
+            name: "external data file",
+            create: vec![create("cluster_size=65536,data_file=src.data", "8M")],
+            before: cmds(&["write -P 0x71 0 1M", "write -s pattern.bin 2M 256k"]),
+            after: cmds(&[
+                "write -P 0x72 4096 4096",
+                "write -z 2M 64k",
+                "discard 512k 64k",
+                "write -P 0x73 8388096 512",
+            ]),
+        },
+        ShapeCase {
+            name: "512 B clusters",
+            create: vec![create("cluster_size=512", "4M")],
+            before: cmds(&[
+                "write -P 0x81 0 100k",
+                "write -s pattern.bin 1M 64k",
+                "write -c -P 0x82 2M 4k",
+            ]),
+            after: cmds(&[
+                "write -P 0x83 1000 100",
+                "write -z 1M 1536",
+                "discard 4096 2048",
+                "write -P 0x84 4193792 512",
+            ]),
+        },
+        ShapeCase {
+            name: "2 MiB clusters",
+            create: vec![create("cluster_size=2097152", "16M")],
+            before: cmds(&[
+                "write -P 0x91 0 3M",
+                "write -s pattern.bin 8M 512k",
+                "write -c -P 0x92 12M 2M",
+            ]),
+            after: cmds(&[
+                "write -P 0x93 1M 4k",
+                "write -z 8M 2M",
+                "write -P 0x94 16773120 4096",
+            ]),
+        },
+        ShapeCase {
+            name: "odd virtual size",
+            create: vec![create("cluster_size=65536", &odd.to_string())],
+            before: vec![
+                format!("write -P 0xa1 {} 1536", odd - 1536),
+                "write -P 0xa2 0 64k".into(),
+            ],
+            after: vec![
+                format!("write -P 0xa3 {} 512", odd - 512),
+                format!("write -z {} 512", odd - 1536),
+                "write -P 0xa4 64k 1".into(),
+            ],
+        },
+    ]
+}
+
+#[test]
+fn backup_sources_of_every_shape() {
+    if !qemu_available("backup_sources_of_every_shape", TOOLS) {
+        return;
+    }
+    for case in shape_cases() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        let what = case.name;
+        let mut rng = Rng(0x5a4e);
+        random_file(d, "pattern.bin", &mut rng, PATTERN);
+        for c in &case.create {
+            let args: Vec<&str> = c[1..].iter().map(String::as_str).collect();
+            sh(d, &c[0], &args);
+        }
+        qemu_io(d, "src.qcow2", &case.before);
+        ours_ok(d, &["backup", "src.qcow2", "b0.qcow2"]);
+        ours_ok(d, &["backup", "-c", "src.qcow2", "b0c.qcow2"]);
+        sh(d, "qemu-img", &["bitmap", "--add", "src.qcow2", "c0"]);
+        qemu_io(d, "src.qcow2", &case.after);
+        ours_ok(
+            d,
+            &[
+                "backup",
+                "--bitmap",
+                "c0",
+                "--backing",
+                "b0.qcow2",
+                "src.qcow2",
+                "b1.qcow2",
+            ],
+        );
+        ours_ok(
+            d,
+            &[
+                "backup",
+                "-c",
+                "--bitmap",
+                "c0",
+                "--backing",
+                "b0c.qcow2",
+                "src.qcow2",
+                "b1c.qcow2",
+            ],
+        );
+        for out in ["b1.qcow2", "b1c.qcow2"] {
+            assert_identical(d, "src.qcow2", out, &format!("{what}: {out}"));
+            ours_ok(d, &["verify", out, "--source", "src.qcow2"]);
+        }
+        for out in ["b0.qcow2", "b0c.qcow2", "b1.qcow2", "b1c.qcow2"] {
+            assert_check(d, out, &format!("{what}: {out}"));
+        }
+        // The full backups hold the state before the checkpoint.
+        ours_ok(d, &["restore", "b1c.qcow2", "r.qcow2"]);
+        assert_identical(d, "src.qcow2", "r.qcow2", what);
+        assert_check(d, "r.qcow2", what);
+        let len = |f: &str| std::fs::metadata(d.join(f)).unwrap().len();
+        assert!(
+            len("b0c.qcow2") < len("b0.qcow2"),
+            "{what}: -c full backup {} bytes, plain {}",
+            len("b0c.qcow2"),
+            len("b0.qcow2")
+        );
+        assert!(
+            qemu_map(d, "b0c.qcow2")
+                .iter()
+                .any(|e| e["compressed"] == true),
+            "{what}: -c wrote no compressed cluster"
+        );
+    }
 }

@@ -125,7 +125,9 @@ fn random_writes(rng: &mut Rng, s: &Shape, pattern_len: u64) -> Vec<String> {
                 if len % 512 != 0
                     || len == 0
                     || len > pattern_len
-                    || compressed.iter().any(|&(a, b)| start < b && a < start + len)
+                    || compressed
+                        .iter()
+                        .any(|&(a, b)| start < b && a < start + len)
                 {
                     continue;
                 }
