@@ -839,3 +839,124 @@ fn backup_sources_of_every_shape() {
         );
     }
 }
+
+#[test]
+fn backup_zeros_after_trim_are_stored() {
+    if !qemu_available("backup_zeros_after_trim_are_stored", TOOLS) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let mut rng = Rng(0x7e1a);
+    random_file(d, "pattern.bin", &mut rng, PATTERN);
+    sh(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "src.qcow2", "16M"],
+    );
+    qemu_io(
+        d,
+        "src.qcow2",
+        &cmds(&[
+            "write -s pattern.bin 0 1M",
+            "write -P 0x42 4M 2M",
+            "write -s pattern.bin 10M 512k",
+            "write -c -s pattern.bin 14M 64k",
+        ]),
+    );
+    ours_ok(d, &["backup", "src.qcow2", "b0.qcow2"]);
+    ours_ok(d, &["restore", "--format", "raw", "b0.qcow2", "base.raw"]);
+    sh(d, "qemu-img", &["bitmap", "--add", "src.qcow2", "c0"]);
+    // TRIM and zeroes over data the full backup holds.
+    let zeroed: [(u64, u64); 4] = [
+        (256 * KIB, 256 * KIB), // discard
+        (4 * MIB, MIB),         // write -z
+        (10 * MIB, 512 * KIB),  // discard, the whole range
+        (14 * MIB, 64 * KIB),   // discard of a compressed cluster
+    ];
+    qemu_io(
+        d,
+        "src.qcow2",
+        &cmds(&[
+            "discard 256k 256k",
+            "write -z 4M 1M",
+            "discard 10M 512k",
+            "discard 14M 64k",
+        ]),
+    );
+    // Without the zeros the chain would still read the old data there.
+    let o = Command::new("qemu-img")
+        .args(["compare", "-q", "src.qcow2", "b0.qcow2"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "the source must differ from the full backup"
+    );
+    ours_ok(
+        d,
+        &[
+            "backup",
+            "--bitmap",
+            "c0",
+            "--backing",
+            "b0.qcow2",
+            "src.qcow2",
+            "b1.qcow2",
+        ],
+    );
+    ours_ok(
+        d,
+        &[
+            "backup",
+            "--format",
+            "raw",
+            "--bitmap",
+            "c0",
+            "src.qcow2",
+            "r1.raw",
+        ],
+    );
+    let map = depth0(&qemu_map(d, "b1.qcow2"));
+    for &(off, len) in &zeroed {
+        assert!(
+            map.iter()
+                .any(|&(s, l, z)| z && s <= off && off + len <= s + l),
+            "{off}+{len} is not a zero cluster range in the incremental: {map:?}"
+        );
+    }
+    assert!(
+        map.iter().all(|r| r.2),
+        "only zeros changed, yet the incremental stores data: {map:?}"
+    );
+    for (img, m) in [("b1.qcow2", "b1.qcow2.json"), ("r1.raw", "r1.raw.json")] {
+        let doc = json_file(d, m);
+        let ext = doc["extents"].as_array().unwrap();
+        for &(off, len) in &zeroed {
+            let mut at = off;
+            for e in ext {
+                let (o, l) = (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+                if o <= at && at < o + l {
+                    assert_eq!(e["kind"], "zero", "{img}: extent at {o} over trimmed {off}");
+                    at = o + l;
+                }
+            }
+            assert!(
+                at >= off + len,
+                "{img}: trimmed {off}+{len} not listed as zeros: {ext:?}"
+            );
+        }
+        assert_eq!(doc["data-bytes"], 0, "{img}");
+    }
+    assert_identical(d, "src.qcow2", "b1.qcow2", "chain after trim");
+    assert_check(d, "b1.qcow2", "after trim");
+    ours_ok(d, &["restore", "b1.qcow2", "restored.qcow2"]);
+    assert_identical(d, "src.qcow2", "restored.qcow2", "restore after trim");
+    ours_ok(d, &["apply", "r1.raw", "base.raw"]);
+    assert!(
+        std::fs::read(d.join("base.raw")).unwrap() == guest_bytes(d, "src.qcow2"),
+        "apply after trim leaves old data"
+    );
+}
