@@ -960,3 +960,303 @@ fn backup_zeros_after_trim_are_stored() {
         "apply after trim leaves old data"
     );
 }
+
+/// A three-link chain in `dir`: b0 (full) <- b1 <- b2, with their manifests.
+fn make_chain(d: &Path) {
+    let mut rng = Rng(0xc4a1);
+    random_file(d, "pattern.bin", &mut rng, PATTERN);
+    sh(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "src.qcow2", "16M"],
+    );
+    qemu_io(
+        d,
+        "src.qcow2",
+        &cmds(&[
+            "write -s pattern.bin 0 1M",
+            "write -P 0x11 4M 1M",
+            "write -s pattern.bin 8M 256k",
+        ]),
+    );
+    ours_ok(d, &["backup", "src.qcow2", "b0.qcow2"]);
+    sh(d, "qemu-img", &["bitmap", "--add", "src.qcow2", "c0"]);
+    random_file(d, "pattern.bin", &mut rng, PATTERN);
+    qemu_io(
+        d,
+        "src.qcow2",
+        &cmds(&[
+            "write -s pattern.bin 512k 256k",
+            "write -z 4M 128k",
+            "write -P 0x21 12M 64k",
+        ]),
+    );
+    ours_ok(
+        d,
+        &[
+            "backup",
+            "--bitmap",
+            "c0",
+            "--backing",
+            "b0.qcow2",
+            "--next",
+            "c1",
+            "src.qcow2",
+            "b1.qcow2",
+        ],
+    );
+    random_file(d, "pattern.bin", &mut rng, PATTERN);
+    qemu_io(
+        d,
+        "src.qcow2",
+        &cmds(&[
+            "write -s pattern.bin 2M 320k",
+            "discard 8M 128k",
+            "write -P 0x31 16711680 65536",
+        ]),
+    );
+    ours_ok(
+        d,
+        &[
+            "backup",
+            "--bitmap",
+            "c1",
+            "--backing",
+            "b1.qcow2",
+            "--next",
+            "c2",
+            "src.qcow2",
+            "b2.qcow2",
+        ],
+    );
+    std::fs::File::create(d.join("target.raw"))
+        .unwrap()
+        .set_len(16 * MIB)
+        .unwrap();
+    ours_ok(d, &["verify", "b2.qcow2", "--source", "src.qcow2"]);
+}
+
+/// Flips one byte of a data cluster `img` itself stores; returns the guest
+/// offset and the (index, offset) of the manifest extent holding it.
+fn flip_data_byte(d: &Path, img: &str) -> (u64, usize, u64) {
+    let e = qemu_map(d, img)
+        .into_iter()
+        .find(|e| e["depth"] == 0 && e["data"] == true && e["length"].as_u64().unwrap() > 100)
+        .unwrap_or_else(|| panic!("{img} stores no data"));
+    let guest = e["start"].as_u64().unwrap() + 100;
+    let host = e["offset"].as_u64().unwrap() + 100;
+    let mut bytes = std::fs::read(d.join(img)).unwrap();
+    bytes[host as usize] ^= 0x40;
+    std::fs::write(d.join(img), bytes).unwrap();
+    let m = json_file(d, &format!("{img}.json"));
+    let (i, x) = m["extents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .find(|(_, x)| {
+            let (o, l) = (x["offset"].as_u64().unwrap(), x["length"].as_u64().unwrap());
+            o <= guest && guest < o + l
+        })
+        .unwrap_or_else(|| panic!("{img}: no extent holds guest offset {guest}"));
+    assert_eq!(x["kind"], "data");
+    (guest, i, x["offset"].as_u64().unwrap())
+}
+
+/// `verify` of `top` fails: exit 1, the human report names `member` with every
+/// word, and the JSON report has ok false and `member`'s problems holding them.
+fn verify_fails(d: &Path, top: &str, member: &str, words: &[String], what: &str) {
+    let o = ours(d, &["verify", top]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{what}: verify exit ({})",
+        stderr(&o)
+    );
+    let text = stdout(&o);
+    let line = text
+        .lines()
+        .find(|l| {
+            l.starts_with(&format!("{member}: ")) && words.iter().all(|w| l.contains(w.as_str()))
+        })
+        .unwrap_or_else(|| panic!("{what}: no report line names {member} with {words:?}:\n{text}"));
+    assert!(!line.ends_with("ok (manifest)"), "{what}: {line}");
+    assert!(text.contains("verify: FAILED"), "{what}: {text}");
+    let o = ours(d, &["verify", "--json", top]);
+    assert_eq!(o.status.code(), Some(1), "{what}: verify --json exit");
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["ok"], false, "{what}: {v}");
+    let m = v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["filename"] == member)
+        .unwrap_or_else(|| panic!("{what}: {member} not in {v}"));
+    let problems = m["problems"].as_array().unwrap();
+    assert!(
+        problems.iter().any(|p| words
+            .iter()
+            .all(|w| p.as_str().unwrap().contains(w.as_str()))),
+        "{what}: {member}'s problems do not say {words:?}: {v}"
+    );
+}
+
+fn edit_manifest(d: &Path, name: &str, f: impl FnOnce(&mut Value)) {
+    let mut m = json_file(d, name);
+    f(&mut m);
+    write_json(d, name, &m);
+}
+
+#[test]
+fn verify_restore_apply_detect_broken_chains() {
+    if !qemu_available("verify_restore_apply_detect_broken_chains", TOOLS) {
+        return;
+    }
+    let clean = tempfile::tempdir().unwrap();
+    make_chain(clean.path());
+    let fresh = || {
+        let t = tempfile::tempdir().unwrap();
+        copy_dir(clean.path(), t.path());
+        t
+    };
+    let s = |x: &str| x.to_string();
+    let untouched = ["b0.qcow2", "b1.qcow2", "b2.qcow2", "target.raw"];
+
+    // A flipped byte in a data cluster of the top link.
+    let t = fresh();
+    let d = t.path();
+    let (_, i, off) = flip_data_byte(d, "b2.qcow2");
+    let words = [format!("extent {i} (offset {off}"), s("CRC-32")];
+    verify_fails(d, "b2.qcow2", "b2.qcow2", &words, "top flip");
+    let w = [s("b2.qcow2"), words[0].clone()];
+    let w: Vec<&str> = w.iter().map(String::as_str).collect();
+    refused(d, &["restore", "b2.qcow2", "out.qcow2"], &w, &untouched);
+    refused(
+        d,
+        &["restore", "--format", "raw", "b2.qcow2", "out.raw"],
+        &w,
+        &untouched,
+    );
+    refused(d, &["apply", "b2.qcow2", "target.raw"], &w, &untouched);
+
+    // ... and of a lower link.
+    let t = fresh();
+    let d = t.path();
+    let (_, i, off) = flip_data_byte(d, "b1.qcow2");
+    let words = [format!("extent {i} (offset {off}"), s("CRC-32")];
+    verify_fails(d, "b2.qcow2", "b1.qcow2", &words, "lower flip");
+    let v: Value =
+        serde_json::from_slice(&ours(d, &["verify", "--json", "b2.qcow2"]).stdout).unwrap();
+    assert_eq!(
+        v["members"][0]["problems"],
+        serde_json::json!([]),
+        "the top holds: {v}"
+    );
+    let w = [s("b1.qcow2"), words[0].clone()];
+    let w: Vec<&str> = w.iter().map(String::as_str).collect();
+    refused(d, &["restore", "b2.qcow2", "out.qcow2"], &w, &untouched);
+    refused(d, &["apply", "b1.qcow2", "target.raw"], &w, &untouched);
+
+    // A data extent removed from the manifest (totals fixed: still well formed).
+    let t = fresh();
+    let d = t.path();
+    let mut gone = (0, 0);
+    edit_manifest(d, "b2.qcow2.json", |m| {
+        let ext = m["extents"].as_array_mut().unwrap();
+        let i = ext.iter().position(|e| e["kind"] == "data").unwrap();
+        let e = ext.remove(i);
+        gone = (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+        let db = m["data-bytes"].as_u64().unwrap() - gone.1;
+        m["data-bytes"] = db.into();
+    });
+    let words = [format!("guest range {}+", gone.0), s("not listed")];
+    verify_fails(d, "b2.qcow2", "b2.qcow2", &words, "removed extent");
+    let w = [s("b2.qcow2"), format!("guest range {}+", gone.0)];
+    let w: Vec<&str> = w.iter().map(String::as_str).collect();
+    refused(d, &["restore", "b2.qcow2", "out.qcow2"], &w, &untouched);
+    refused(d, &["apply", "b2.qcow2", "target.raw"], &w, &untouched);
+
+    // An edited CRC.
+    let t = fresh();
+    let d = t.path();
+    let mut at = (0, 0);
+    edit_manifest(d, "b2.qcow2.json", |m| {
+        let ext = m["extents"].as_array_mut().unwrap();
+        let i = ext.iter().rposition(|e| e["kind"] == "data").unwrap();
+        let c = u32::from_str_radix(ext[i]["crc32"].as_str().unwrap(), 16).unwrap() ^ 1;
+        ext[i]["crc32"] = format!("{c:08x}").into();
+        at = (i, ext[i]["offset"].as_u64().unwrap());
+    });
+    let words = [format!("extent {} (offset {}", at.0, at.1), s("CRC-32")];
+    verify_fails(d, "b2.qcow2", "b2.qcow2", &words, "edited crc");
+    let w = [s("b2.qcow2"), words[0].clone()];
+    let w: Vec<&str> = w.iter().map(String::as_str).collect();
+    refused(d, &["restore", "b2.qcow2", "out.qcow2"], &w, &untouched);
+    refused(d, &["apply", "b2.qcow2", "target.raw"], &w, &untouched);
+
+    // An edited offset: the extent starts 512 bytes later (totals fixed).
+    let t = fresh();
+    let d = t.path();
+    edit_manifest(d, "b2.qcow2.json", |m| {
+        let ext = m["extents"].as_array_mut().unwrap();
+        let i = ext.iter().position(|e| e["kind"] == "data").unwrap();
+        let (o, l) = (
+            ext[i]["offset"].as_u64().unwrap(),
+            ext[i]["length"].as_u64().unwrap(),
+        );
+        ext[i]["offset"] = (o + 512).into();
+        ext[i]["length"] = (l - 512).into();
+        at = (i, o + 512);
+        let db = m["data-bytes"].as_u64().unwrap() - 512;
+        m["data-bytes"] = db.into();
+    });
+    let words = [format!("extent {} (offset {}", at.0, at.1)];
+    verify_fails(d, "b2.qcow2", "b2.qcow2", &words, "edited offset");
+    let w = [s("b2.qcow2"), words[0].clone()];
+    let w: Vec<&str> = w.iter().map(String::as_str).collect();
+    refused(d, &["restore", "b2.qcow2", "out.qcow2"], &w, &untouched);
+    refused(d, &["apply", "b2.qcow2", "target.raw"], &w, &untouched);
+
+    // The previous full backup swapped for another full backup of the same size.
+    let t = fresh();
+    let d = t.path();
+    sh(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "other.qcow2", "16M"],
+    );
+    qemu_io(d, "other.qcow2", &cmds(&["write -P 0x99 0 2M"]));
+    ours_ok(d, &["backup", "other.qcow2", "x0.qcow2"]);
+    std::fs::rename(d.join("x0.qcow2"), d.join("b0.qcow2")).unwrap();
+    std::fs::rename(d.join("x0.qcow2.json"), d.join("b0.qcow2.json")).unwrap();
+    ours_ok(d, &["verify", "b0.qcow2"]);
+    let words = [s("b0.qcow2"), s("SHA-256")];
+    verify_fails(d, "b2.qcow2", "b1.qcow2", &words, "swapped backing");
+    refused(
+        d,
+        &["restore", "b2.qcow2", "out.qcow2"],
+        &["b1.qcow2", "b0.qcow2"],
+        &untouched,
+    );
+
+    // A changed virtual size in the manifest.
+    let t = fresh();
+    let d = t.path();
+    edit_manifest(d, "b2.qcow2.json", |m| {
+        m["source"]["virtual-size"] = (17 * MIB).into();
+    });
+    let words = [s("virtual size")];
+    verify_fails(d, "b2.qcow2", "b2.qcow2", &words, "virtual size");
+    refused(
+        d,
+        &["restore", "b2.qcow2", "out.qcow2"],
+        &["b2.qcow2", "virtual size"],
+        &untouched,
+    );
+    refused(
+        d,
+        &["apply", "b2.qcow2", "target.raw"],
+        &["b2.qcow2"],
+        &untouched,
+    );
+}
