@@ -1260,3 +1260,335 @@ fn verify_restore_apply_detect_broken_chains() {
         &untouched,
     );
 }
+
+/// Holds `img` open for writing in a qemu-storage-daemon until dropped.
+struct Holder(std::process::Child, tempfile::TempDir);
+
+impl Holder {
+    fn start(img: &Path) -> Holder {
+        let t = tempfile::tempdir().unwrap();
+        let pid = t.path().join("qsd.pid");
+        let child = Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=f0,filename={}",
+                img.display()
+            ))
+            .args(["--blockdev", "driver=qcow2,node-name=q0,file=f0"])
+            .arg("--pidfile")
+            .arg(&pid)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start qemu-storage-daemon");
+        for _ in 0..500 {
+            if pid.exists() {
+                return Holder(child, t);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("qemu-storage-daemon did not start on {}", img.display());
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn backup_refusals_create_nothing() {
+    if !qemu_available(
+        "backup_refusals_create_nothing",
+        &["qemu-img", "qemu-io", "qemu-storage-daemon"],
+    ) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    sh(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "src.qcow2", "16M"],
+    );
+    qemu_io(
+        d,
+        "src.qcow2",
+        &cmds(&["write -P 0x11 0 1M", "write -P 0x12 9M 64k"]),
+    );
+    ours_ok(d, &["backup", "src.qcow2", "b0.qcow2"]);
+    sh(d, "qemu-img", &["bitmap", "--add", "src.qcow2", "c0"]);
+    sh(d, "qemu-img", &["bitmap", "--add", "src.qcow2", "c1"]);
+    qemu_io(d, "src.qcow2", &cmds(&["write -P 0x13 4M 64k"]));
+    std::fs::File::create(d.join("target.raw"))
+        .unwrap()
+        .set_len(16 * MIB)
+        .unwrap();
+    let src = ["src.qcow2"];
+
+    // An existing manifest is never overwritten.
+    std::fs::write(d.join("out.qcow2.json"), b"{}\n").unwrap();
+    refused(
+        d,
+        &["backup", "src.qcow2", "out.qcow2"],
+        &["out.qcow2.json", "already exists"],
+        &["src.qcow2", "out.qcow2.json"],
+    );
+    refused(
+        d,
+        &[
+            "backup",
+            "--bitmap",
+            "c0",
+            "--next",
+            "n1",
+            "src.qcow2",
+            "out.qcow2",
+        ],
+        &["out.qcow2.json", "already exists"],
+        &["src.qcow2", "out.qcow2.json"],
+    );
+    std::fs::remove_file(d.join("out.qcow2.json")).unwrap();
+
+    // Bitmaps that cannot be trusted: in use after a crash, and stale.
+    std::fs::copy(d.join("src.qcow2"), d.join("inuse.qcow2")).unwrap();
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -c 0; qemu-io -f qcow2 -c 'write -P 0x21 2M 64k' -c abort inuse.qcow2")
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "qemu-io abort should die");
+    let flags = bitmap_flags(d, "inuse.qcow2", "c0").unwrap();
+    assert!(flags.contains(&"in-use".to_string()), "{flags:?}");
+    for args in [
+        &["backup", "--bitmap", "c0", "inuse.qcow2", "out.qcow2"][..],
+        &[
+            "backup",
+            "--bitmap",
+            "c0",
+            "--format",
+            "raw",
+            "inuse.qcow2",
+            "out.raw",
+        ],
+        &[
+            "backup",
+            "--bitmap",
+            "c0",
+            "--next",
+            "n1",
+            "inuse.qcow2",
+            "out.qcow2",
+        ],
+    ] {
+        refused(d, args, &["c0", "in-use", "full backup"], &["inuse.qcow2"]);
+    }
+    let mut stale = std::fs::read(d.join("src.qcow2")).unwrap();
+    stale[95] &= 0xfe; // autoclear bit 0: the bitmaps extension is stale
+    std::fs::write(d.join("stale.qcow2"), stale).unwrap();
+    for args in [
+        &["backup", "--bitmap", "c0", "stale.qcow2", "out.qcow2"][..],
+        &[
+            "backup",
+            "--bitmap",
+            "c0",
+            "--next",
+            "n1",
+            "stale.qcow2",
+            "out.qcow2",
+        ],
+    ] {
+        refused(d, args, &["c0", "stale", "full backup"], &["stale.qcow2"]);
+    }
+
+    // A missing bitmap; --next with an existing name; --backing of another size.
+    refused(
+        d,
+        &["backup", "--bitmap", "nope", "src.qcow2", "out.qcow2"],
+        &["nope"],
+        &src,
+    );
+    refused(
+        d,
+        &[
+            "backup",
+            "--bitmap",
+            "c0",
+            "--next",
+            "c1",
+            "src.qcow2",
+            "out.qcow2",
+        ],
+        &["c1", "already exists"],
+        &src,
+    );
+    sh(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "big.qcow2", "32M"],
+    );
+    for args in [
+        &[
+            "backup",
+            "--bitmap",
+            "c0",
+            "--backing",
+            "big.qcow2",
+            "src.qcow2",
+            "out.qcow2",
+        ][..],
+        &["backup", "--backing", "big.qcow2", "src.qcow2", "out.qcow2"],
+        &[
+            "backup",
+            "--bitmap",
+            "c0",
+            "--backing",
+            "big.qcow2",
+            "--next",
+            "n1",
+            "src.qcow2",
+            "out.qcow2",
+        ],
+    ] {
+        refused(
+            d,
+            args,
+            &["big.qcow2", "virtual size"],
+            &["src.qcow2", "big.qcow2"],
+        );
+    }
+
+    // A source QEMU holds for writing.
+    std::fs::copy(d.join("src.qcow2"), d.join("held.qcow2")).unwrap();
+    {
+        let _h = Holder::start(&d.join("held.qcow2"));
+        for args in [
+            &["backup", "held.qcow2", "out.qcow2"][..],
+            &["backup", "--bitmap", "c0", "held.qcow2", "out.qcow2"],
+            &[
+                "backup",
+                "--bitmap",
+                "c0",
+                "--next",
+                "n1",
+                "--then",
+                "remove",
+                "held.qcow2",
+                "out.qcow2",
+            ],
+        ] {
+            refused(d, args, &["held.qcow2", "lock"], &["held.qcow2"]);
+        }
+    }
+
+    // Usage errors.
+    for (args, word) in [
+        (
+            &[
+                "backup",
+                "--backing",
+                "b0.qcow2",
+                "--format",
+                "raw",
+                "src.qcow2",
+                "out.raw",
+            ][..],
+            "--backing",
+        ),
+        (
+            &[
+                "backup",
+                "--bitmap",
+                "c0",
+                "--then",
+                "keep",
+                "src.qcow2",
+                "out.qcow2",
+            ],
+            "--then",
+        ),
+        (
+            &["backup", "--next", "n1", "src.qcow2", "out.qcow2"],
+            "--next",
+        ),
+        (
+            &[
+                "backup",
+                "-U",
+                "--bitmap",
+                "c0",
+                "--next",
+                "n1",
+                "src.qcow2",
+                "out.qcow2",
+            ],
+            "-U",
+        ),
+    ] {
+        refused(d, args, &[word], &src);
+    }
+
+    // restore never overwrites.
+    std::fs::write(d.join("exists.qcow2"), b"keep me").unwrap();
+    for args in [
+        &["restore", "b0.qcow2", "exists.qcow2"][..],
+        &["restore", "--format", "raw", "b0.qcow2", "exists.qcow2"],
+    ] {
+        refused(
+            d,
+            args,
+            &["exists.qcow2", "already exists"],
+            &["exists.qcow2", "b0.qcow2"],
+        );
+    }
+
+    // apply: no manifest, a qcow2 target, a target of another size.
+    std::fs::copy(d.join("b0.qcow2"), d.join("bare.qcow2")).unwrap();
+    refused(
+        d,
+        &["apply", "bare.qcow2", "target.raw"],
+        &["bare.qcow2", "manifest"],
+        &["target.raw", "bare.qcow2"],
+    );
+    let o = ours(d, &["verify", "bare.qcow2"]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "verify of a backup without manifest"
+    );
+    assert!(stdout(&o).contains("no manifest"), "{}", stdout(&o));
+    sh(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "target.qcow2", "16M"],
+    );
+    refused(
+        d,
+        &["apply", "b0.qcow2", "target.qcow2"],
+        &["target.qcow2", "qcow2"],
+        &["target.qcow2", "b0.qcow2"],
+    );
+    std::fs::File::create(d.join("small.raw"))
+        .unwrap()
+        .set_len(8 * MIB)
+        .unwrap();
+    refused(
+        d,
+        &["apply", "b0.qcow2", "small.raw"],
+        &["small.raw", "bytes"],
+        &["small.raw", "b0.qcow2"],
+    );
+
+    // An OUTPUT without its manifest is an interrupted backup: backup replaces it.
+    std::fs::write(d.join("half.qcow2"), b"interrupted").unwrap();
+    ours_ok(d, &["backup", "src.qcow2", "half.qcow2"]);
+    assert_identical(d, "src.qcow2", "half.qcow2", "replaced interrupted backup");
+    assert!(
+        !listing(d).iter().any(|f| f.starts_with('.')),
+        "temporary files left: {:?}",
+        listing(d)
+    );
+}
