@@ -1592,3 +1592,389 @@ fn backup_refusals_create_nothing() {
         listing(d)
     );
 }
+
+fn keys(v: &Value) -> BTreeSet<String> {
+    v.as_object()
+        .unwrap_or_else(|| panic!("not an object: {v}"))
+        .keys()
+        .cloned()
+        .collect()
+}
+
+fn key_set(k: &[&str]) -> BTreeSet<String> {
+    k.iter().map(|s| s.to_string()).collect()
+}
+
+/// Merged union of (offset, length) ranges.
+fn union(mut r: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    r.sort();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (o, l) in r {
+        match out.last_mut() {
+            Some(p) if o <= p.0 + p.1 => p.1 = p.1.max(o + l - p.0),
+            _ => out.push((o, l)),
+        }
+    }
+    out
+}
+
+/// Checks a `--json` summary and its manifest against the contract and
+/// against `guest` (the source's bytes at backup time).
+fn check_summary_and_manifest(
+    d: &Path,
+    summary: &Output,
+    out: &str,
+    format: &str,
+    bitmap: Option<&str>,
+    backing: Option<&str>,
+    guest: &[u8],
+) -> Value {
+    let what = out;
+    let s: Value = serde_json::from_slice(&summary.stdout)
+        .unwrap_or_else(|e| panic!("{what}: summary is not JSON ({e}): {}", stdout(summary)));
+    assert_eq!(
+        keys(&s),
+        key_set(&[
+            "output",
+            "manifest",
+            "format",
+            "kind",
+            "bitmap",
+            "data-bytes",
+            "zero-bytes",
+            "extents"
+        ]),
+        "{what}: summary keys"
+    );
+    let kind = if bitmap.is_some() {
+        "incremental"
+    } else {
+        "full"
+    };
+    assert_eq!(s["output"], out, "{what}");
+    assert_eq!(s["manifest"], format!("{out}.json"), "{what}");
+    assert_eq!(s["format"], format, "{what}");
+    assert_eq!(s["kind"], kind, "{what}");
+    assert_eq!(
+        s["bitmap"],
+        bitmap.map_or(Value::Null, |b| b.into()),
+        "{what}"
+    );
+    let m = json_file(d, &format!("{out}.json"));
+    assert_eq!(
+        keys(&m),
+        key_set(&[
+            "format",
+            "version",
+            "created",
+            "tool",
+            "kind",
+            "source",
+            "bitmap",
+            "backing",
+            "output",
+            "extents",
+            "data-bytes",
+            "zero-bytes"
+        ]),
+        "{what}: manifest keys"
+    );
+    assert_eq!(m["format"], "qcow2-bitmap-backup", "{what}");
+    assert_eq!(m["version"], 1, "{what}");
+    let created = m["created"].as_str().unwrap();
+    let b = created.as_bytes();
+    assert!(
+        b.len() == 20
+            && b.iter().enumerate().all(|(i, c)| match i {
+                4 | 7 => *c == b'-',
+                10 => *c == b'T',
+                13 | 16 => *c == b':',
+                19 => *c == b'Z',
+                _ => c.is_ascii_digit(),
+            }),
+        "{what}: created {created:?} is not RFC 3339 UTC"
+    );
+    assert!(created.starts_with("20"), "{what}: created {created}");
+    assert_eq!(
+        m["tool"],
+        format!("qcow2-bitmap {}", env!("CARGO_PKG_VERSION")),
+        "{what}"
+    );
+    assert_eq!(m["kind"], kind, "{what}");
+    assert_eq!(
+        keys(&m["source"]),
+        key_set(&["filename", "virtual-size", "cluster-size"]),
+        "{what}"
+    );
+    assert_eq!(m["source"]["filename"], "src.qcow2", "{what}");
+    assert_eq!(m["source"]["virtual-size"], guest.len() as u64, "{what}");
+    assert_eq!(m["source"]["cluster-size"], 65536, "{what}");
+    match bitmap {
+        None => assert_eq!(m["bitmap"], Value::Null, "{what}"),
+        Some(b) => {
+            assert_eq!(
+                keys(&m["bitmap"]),
+                key_set(&["name", "granularity"]),
+                "{what}"
+            );
+            assert_eq!(m["bitmap"]["name"], b, "{what}");
+            assert_eq!(m["bitmap"]["granularity"], 65536, "{what}");
+        }
+    }
+    match backing {
+        None => assert_eq!(m["backing"], Value::Null, "{what}"),
+        Some(b) => {
+            assert_eq!(
+                keys(&m["backing"]),
+                key_set(&["filename", "manifest-sha256"]),
+                "{what}"
+            );
+            assert_eq!(m["backing"]["filename"], b, "{what}");
+            assert_eq!(
+                m["backing"]["manifest-sha256"],
+                sha256_file(&d.join(format!("{b}.json"))),
+                "{what}: the SHA-256 of the previous manifest"
+            );
+        }
+    }
+    assert_eq!(
+        keys(&m["output"]),
+        key_set(&["filename", "format", "cluster-size"]),
+        "{what}"
+    );
+    assert_eq!(m["output"]["filename"], out, "{what}");
+    assert_eq!(m["output"]["format"], format, "{what}");
+    let cs = if format == "qcow2" {
+        Value::from(65536)
+    } else {
+        Value::Null
+    };
+    assert_eq!(m["output"]["cluster-size"], cs, "{what}");
+    let ext = m["extents"].as_array().unwrap();
+    let (mut end, mut data, mut zero) = (0u64, 0u64, 0u64);
+    for (i, e) in ext.iter().enumerate() {
+        let (o, l) = (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+        assert!(o >= end, "{what}: extent {i} unsorted or overlapping");
+        assert!(l > 0 && l <= 64 * MIB, "{what}: extent {i} length {l}");
+        assert!(
+            o + l <= guest.len() as u64,
+            "{what}: extent {i} past the end"
+        );
+        end = o + l;
+        let bytes = &guest[o as usize..(o + l) as usize];
+        match e["kind"].as_str().unwrap() {
+            "data" => {
+                assert_eq!(
+                    keys(e),
+                    key_set(&["offset", "length", "kind", "crc32"]),
+                    "{what}: {e}"
+                );
+                let c = e["crc32"].as_str().unwrap();
+                assert!(
+                    c.len() == 8
+                        && c.bytes()
+                            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+                    "{what}: crc32 {c:?}"
+                );
+                assert_eq!(
+                    c,
+                    format!("{:08x}", crc32fast::hash(bytes)),
+                    "{what}: extent {i} crc32"
+                );
+                data += l;
+            }
+            "zero" => {
+                assert_eq!(
+                    keys(e),
+                    key_set(&["offset", "length", "kind"]),
+                    "{what}: {e}"
+                );
+                assert!(
+                    bytes.iter().all(|&b| b == 0),
+                    "{what}: zero extent {i} holds data"
+                );
+                zero += l;
+            }
+            k => panic!("{what}: extent kind {k}"),
+        }
+    }
+    assert_eq!(m["data-bytes"], data, "{what}");
+    assert_eq!(m["zero-bytes"], zero, "{what}");
+    assert_eq!(s["data-bytes"], data, "{what}: summary");
+    assert_eq!(s["zero-bytes"], zero, "{what}: summary");
+    assert_eq!(s["extents"], ext.len(), "{what}: summary extent count");
+    m
+}
+
+fn ranges_of(m: &Value, kind: Option<&str>) -> Vec<(u64, u64)> {
+    m["extents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| kind.is_none_or(|k| e["kind"] == k))
+        .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn backup_json_summary_and_manifest_schema() {
+    if !qemu_available("backup_json_summary_and_manifest_schema", TOOLS) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let size = 160 * MIB;
+    let mut rng = Rng(0x5c4e);
+    random_file(d, "pattern.bin", &mut rng, PATTERN);
+    sh(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "src.qcow2", "160M"],
+    );
+    qemu_io(
+        d,
+        "src.qcow2",
+        &cmds(&[
+            "write -P 0x5a 0 70M",
+            "write -s pattern.bin 1M 1M",
+            "write -z 80M 72M",
+            "write -s pattern.bin 155M 1M",
+        ]),
+    );
+    let o = ours_ok(d, &["backup", "--json", "src.qcow2", "full.qcow2"]);
+    let guest0 = guest_bytes(d, "src.qcow2");
+    let full = check_summary_and_manifest(d, &o, "full.qcow2", "qcow2", None, None, &guest0);
+    let o = ours_ok(
+        d,
+        &[
+            "backup",
+            "--json",
+            "--format",
+            "raw",
+            "src.qcow2",
+            "full.raw",
+        ],
+    );
+    let full_raw = check_summary_and_manifest(d, &o, "full.raw", "raw", None, None, &guest0);
+    for (m, what) in [(&full, "full.qcow2"), (&full_raw, "full.raw")] {
+        // Every guest byte that is not zero lies in a data extent.
+        let data = ranges_of(m, Some("data"));
+        let mut covered = vec![false; guest0.len()];
+        for &(o, l) in &data {
+            covered[o as usize..(o + l) as usize].fill(true);
+        }
+        let missing = guest0
+            .iter()
+            .zip(&covered)
+            .position(|(&b, &c)| b != 0 && !c);
+        assert_eq!(missing, None, "{what}: guest data outside the data extents");
+        assert!(
+            data.iter().any(|r| r.1 == 64 * MIB),
+            "{what}: 70 MiB of data not split at 64 MiB"
+        );
+        // The allocated zeros are listed too, split at 64 MiB.
+        let zeros = union(ranges_of(m, Some("zero")));
+        assert!(
+            zeros
+                .iter()
+                .any(|&(o, l)| o <= 80 * MIB && 152 * MIB <= o + l),
+            "{what}: the zero clusters at 80M+72M are not zero extents: {zeros:?}"
+        );
+        assert!(
+            ranges_of(m, Some("zero")).iter().any(|r| r.1 == 64 * MIB),
+            "{what}: zeros not split"
+        );
+    }
+    sh(d, "qemu-img", &["bitmap", "--add", "src.qcow2", "c0"]);
+    let last = size - 100;
+    qemu_io(
+        d,
+        "src.qcow2",
+        &[
+            "write -P 0x61 1000 3000".into(),
+            "write -z 100M 1M".into(),
+            "discard 60M 128k".into(),
+            "write -s pattern.bin 158M 512k".into(),
+            format!("write -P 0x62 {last} 100"),
+        ],
+    );
+    let guest1 = guest_bytes(d, "src.qcow2");
+    let o = ours_ok(d, &["extents", "--json", "src.qcow2", "c0"]);
+    let dirty: Vec<(u64, u64)> = serde_json::from_slice::<Value>(&o.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert!(!dirty.is_empty());
+    let o = ours_ok(
+        d,
+        &[
+            "backup",
+            "--json",
+            "--format",
+            "raw",
+            "--bitmap",
+            "c0",
+            "src.qcow2",
+            "inc.raw",
+        ],
+    );
+    let inc_raw = check_summary_and_manifest(d, &o, "inc.raw", "raw", Some("c0"), None, &guest1);
+    let o = ours_ok(
+        d,
+        &[
+            "backup",
+            "--json",
+            "--bitmap",
+            "c0",
+            "--backing",
+            "full.qcow2",
+            "--next",
+            "c1",
+            "src.qcow2",
+            "inc.qcow2",
+        ],
+    );
+    let inc = check_summary_and_manifest(
+        d,
+        &o,
+        "inc.qcow2",
+        "qcow2",
+        Some("c0"),
+        Some("full.qcow2"),
+        &guest1,
+    );
+    // Raw: exactly the dirty ranges; qcow2: rounded out to clusters.
+    assert_eq!(
+        union(ranges_of(&inc_raw, None)),
+        union(dirty.clone()),
+        "inc.raw covers the dirty ranges"
+    );
+    let rounded: Vec<(u64, u64)> = dirty
+        .iter()
+        .map(|&(o, l)| {
+            let a = o / (64 * KIB) * (64 * KIB);
+            let b = (o + l).next_multiple_of(64 * KIB).min(size);
+            (a, b - a)
+        })
+        .collect();
+    assert_eq!(
+        union(ranges_of(&inc, None)),
+        union(rounded),
+        "inc.qcow2 covers the rounded dirty ranges"
+    );
+    assert!(
+        ranges_of(&inc, Some("zero"))
+            .iter()
+            .any(|&(o, _)| o == 100 * MIB),
+        "the zeroed range is a zero extent"
+    );
+    // Without --json a successful backup prints nothing.
+    let o = ours_ok(d, &["backup", "src.qcow2", "quiet.qcow2"]);
+    assert!(
+        o.stdout.is_empty() && o.stderr.is_empty(),
+        "backup without --json printed"
+    );
+}
