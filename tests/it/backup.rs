@@ -1582,6 +1582,69 @@ fn backup_refusals_create_nothing() {
         &["small.raw", "b0.qcow2"],
     );
 
+    // OUTPUT is a file the backup reads: the source, a member of its chain, its
+    // data file, the previous backup (one without a manifest, as qemu-img makes).
+    sh(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=top.data",
+            "-b",
+            "src.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    sh(d, "qemu-img", &["bitmap", "--add", "top.qcow2", "t0"]);
+    qemu_io(d, "top.qcow2", &cmds(&["write -P 0x31 0 64k"]));
+    sh(
+        d,
+        "qemu-img",
+        &["convert", "-O", "qcow2", "src.qcow2", "conv.qcow2"],
+    );
+    let keep = ["src.qcow2", "top.qcow2", "top.data", "conv.qcow2"];
+    for (args, word) in [
+        (&["backup", "src.qcow2", "src.qcow2"][..], "src.qcow2"),
+        (&["backup", "src.qcow2", "./src.qcow2"], "src.qcow2"),
+        (
+            &[
+                "backup",
+                "--bitmap",
+                "c0",
+                "--next",
+                "n1",
+                "src.qcow2",
+                "src.qcow2",
+            ],
+            "src.qcow2",
+        ),
+        (&["backup", "top.qcow2", "src.qcow2"], "src.qcow2"),
+        (
+            &["backup", "--format", "raw", "top.qcow2", "top.data"],
+            "top.data",
+        ),
+        (
+            &[
+                "backup",
+                "--bitmap",
+                "t0",
+                "--backing",
+                "conv.qcow2",
+                "top.qcow2",
+                "conv.qcow2",
+            ],
+            "conv.qcow2",
+        ),
+    ] {
+        refused(d, args, &[word, "never replaces"], &keep);
+    }
+
     // An OUTPUT without its manifest is an interrupted backup: backup replaces it.
     std::fs::write(d.join("half.qcow2"), b"interrupted").unwrap();
     ours_ok(d, &["backup", "src.qcow2", "half.qcow2"]);
