@@ -320,11 +320,25 @@ fn backup_chain_as_users_run_it() {
     random_file(d, "pattern.bin", &mut rng, PATTERN);
     let seed_cmds = round_cmds(&mut rng, size, cs, &[]);
     qemu_io(d, "src.qcow2", &seed_cmds);
-    ours_ok(d, &["backup", "src.qcow2", "b0.qcow2"]);
-    assert_identical(d, "src.qcow2", "b0.qcow2", &what);
-    assert_check(d, "b0.qcow2", &what);
-    ours_ok(d, &["verify", "b0.qcow2", "--source", "src.qcow2"]);
-    sh(d, "qemu-img", &["bitmap", "--add", "src.qcow2", "c0"]);
+    // The backups live in their own directory; --backing names resolve there.
+    std::fs::create_dir(d.join("bk")).unwrap();
+    ours_ok(d, &["backup", "src.qcow2", "bk/b0.qcow2"]);
+    assert_identical(d, "src.qcow2", "bk/b0.qcow2", &what);
+    assert_check(d, "bk/b0.qcow2", &what);
+    ours_ok(d, &["verify", "bk/b0.qcow2", "--source", "src.qcow2"]);
+    let granularity = rng.pick(&[64 * KIB, 128 * KIB]);
+    sh(
+        d,
+        "qemu-img",
+        &[
+            "bitmap",
+            "--add",
+            "-g",
+            &granularity.to_string(),
+            "src.qcow2",
+            "c0",
+        ],
+    );
     let thens = [Some("disable"), Some("remove"), Some("keep"), None];
     for i in 1..=rounds {
         random_file(d, "pattern.bin", &mut rng, PATTERN);
@@ -335,10 +349,10 @@ fn backup_chain_as_users_run_it() {
         let (cur, prev, link, next) = (
             format!("c{}", i - 1),
             format!("b{}.qcow2", i - 1),
-            format!("b{i}.qcow2"),
+            format!("bk/b{i}.qcow2"),
             format!("c{i}"),
         );
-        let raw = format!("r{i}.raw");
+        let raw = format!("bk/r{i}.raw");
         // A raw incremental of the same bitmap first (no rotation).
         ours_ok(
             d,
@@ -375,6 +389,13 @@ fn backup_chain_as_users_run_it() {
             Some(vec!["auto".to_string()]),
             "{what}: {next} added enabled"
         );
+        let added = qemu_info_bitmaps(&d.join("src.qcow2"));
+        let added = added.iter().find(|b| b.0 == next).unwrap();
+        assert_eq!(
+            added.1, granularity,
+            "{what}: {next} has {cur}'s granularity"
+        );
+        assert_check(d, "src.qcow2", &format!("{what}: the source after --next"));
         let old = bitmap_flags(d, "src.qcow2", &cur);
         match then.unwrap_or("keep") {
             "keep" => assert_eq!(old, Some(vec!["auto".into()]), "{what}: {cur} kept"),
@@ -384,8 +405,13 @@ fn backup_chain_as_users_run_it() {
         let m = json_file(d, &format!("{link}.json"));
         assert_eq!(m["kind"], "incremental", "{what}");
         assert_eq!(m["backing"]["filename"], prev.as_str(), "{what}");
+        assert_eq!(
+            m["backing"]["manifest-sha256"],
+            sha256_file(&d.join("bk").join(format!("{prev}.json"))),
+            "{what}"
+        );
     }
-    let top = format!("b{rounds}.qcow2");
+    let top = format!("bk/b{rounds}.qcow2");
     ours_ok(d, &["restore", &top, "restored.qcow2"]);
     assert_identical(d, "src.qcow2", "restored.qcow2", &what);
     assert_check(d, "restored.qcow2", &what);
@@ -402,20 +428,23 @@ fn backup_chain_as_users_run_it() {
         "{what}: raw restore differs from the source"
     );
     // Raw incrementals applied in order onto a raw copy of the full backup.
-    ours_ok(d, &["restore", "--format", "raw", "b0.qcow2", "base.raw"]);
+    ours_ok(
+        d,
+        &["restore", "--format", "raw", "bk/b0.qcow2", "base.raw"],
+    );
     assert!(
-        std::fs::read(d.join("base.raw")).unwrap() == guest_bytes(d, "b0.qcow2"),
+        std::fs::read(d.join("base.raw")).unwrap() == guest_bytes(d, "bk/b0.qcow2"),
         "{what}: raw restore of the full backup"
     );
     for i in 1..=rounds {
-        ours_ok(d, &["apply", &format!("r{i}.raw"), "base.raw"]);
+        ours_ok(d, &["apply", &format!("bk/r{i}.raw"), "base.raw"]);
     }
     let got = std::fs::read(d.join("base.raw")).unwrap();
     if got != want {
         let at = got.iter().zip(&want).position(|(a, b)| a != b);
         panic!("{what}: applied chain differs from the source at {at:?}");
     }
-    ours_ok(d, &["apply", &format!("r{rounds}.raw"), "base.raw"]);
+    ours_ok(d, &["apply", &format!("bk/r{rounds}.raw"), "base.raw"]);
     assert!(
         std::fs::read(d.join("base.raw")).unwrap() == want,
         "{what}: apply run twice changed the target"
