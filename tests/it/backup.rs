@@ -1151,6 +1151,58 @@ fn verify_restore_apply_detect_broken_chains() {
     let s = |x: &str| x.to_string();
     let untouched = ["b0.qcow2", "b1.qcow2", "b2.qcow2", "target.raw"];
 
+    // A source that differs: the first differing offset is named.
+    let t = fresh();
+    let d = t.path();
+    let (g1, g2) = (guest_bytes(d, "b1.qcow2"), guest_bytes(d, "b2.qcow2"));
+    let first = g1.iter().zip(&g2).position(|(a, b)| a != b).unwrap();
+    let o = ours(d, &["verify", "--json", "b2.qcow2", "--source", "b1.qcow2"]);
+    assert_eq!(o.status.code(), Some(1), "verify against another source");
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (&v["ok"], &v["source-equal"]),
+        (&Value::from(false), &Value::from(false)),
+        "{v}"
+    );
+    assert!(
+        v["members"][0]["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains(&format!("first difference at offset {first}")),
+        "{v}"
+    );
+    // Lower members without a manifest (made by qemu-img) are reported, not failed.
+    sh(
+        d,
+        "qemu-img",
+        &["convert", "-O", "qcow2", "b1.qcow2", "conv.qcow2"],
+    );
+    sh(
+        d,
+        "qemu-img",
+        &[
+            "rebase",
+            "-u",
+            "-b",
+            "conv.qcow2",
+            "-F",
+            "qcow2",
+            "b2.qcow2",
+        ],
+    );
+    edit_manifest(d, "b2.qcow2.json", |m| {
+        m["backing"] = serde_json::json!({"filename": "conv.qcow2", "manifest-sha256": null});
+    });
+    let o = ours(
+        d,
+        &["verify", "--json", "b2.qcow2", "--source", "src.qcow2"],
+    );
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(o.status.code(), Some(0), "{v}");
+    assert_eq!(v["members"][1]["filename"], "conv.qcow2", "{v}");
+    assert_eq!(v["members"][1]["manifest"], false, "{v}");
+    assert_eq!(v["source-equal"], true, "{v}");
+
     // A flipped byte in a data cluster of the top link.
     let t = fresh();
     let d = t.path();
