@@ -1343,12 +1343,15 @@ fn verify_restore_apply_detect_broken_chains() {
 }
 
 /// Holds `img` open for writing in a qemu-storage-daemon until dropped.
-struct Holder(std::process::Child, tempfile::TempDir);
+struct Holder {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
 
 impl Holder {
     fn start(img: &Path) -> Holder {
-        let t = tempfile::tempdir().unwrap();
-        let pid = t.path().join("qsd.pid");
+        let dir = tempfile::tempdir().unwrap();
+        let pid = dir.path().join("qsd.pid");
         let child = Command::new("qemu-storage-daemon")
             .arg("--blockdev")
             .arg(format!(
@@ -1362,9 +1365,11 @@ impl Holder {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("start qemu-storage-daemon");
+        // Dropped (killed and waited for) on every path from here.
+        let h = Holder { child, _dir: dir };
         for _ in 0..500 {
             if pid.exists() {
-                return Holder(child, t);
+                return h;
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
@@ -1374,8 +1379,8 @@ impl Holder {
 
 impl Drop for Holder {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
