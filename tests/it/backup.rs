@@ -449,6 +449,19 @@ fn backup_chain_as_users_run_it() {
         std::fs::read(d.join("base.raw")).unwrap() == want,
         "{what}: apply run twice changed the target"
     );
+    // The qcow2 incrementals apply the same way.
+    sh(
+        d,
+        "qemu-img",
+        &["convert", "-O", "raw", "bk/b0.qcow2", "base2.raw"],
+    );
+    for i in 1..=rounds {
+        ours_ok(d, &["apply", &format!("bk/b{i}.qcow2"), "base2.raw"]);
+    }
+    assert!(
+        std::fs::read(d.join("base2.raw")).unwrap() == want,
+        "{what}: applied qcow2 chain differs from the source"
+    );
     eprintln!(
         "backup_chain_as_users_run_it: {rounds} rounds in {:?}",
         started.elapsed()
