@@ -16,6 +16,8 @@
 //! - `kill`: SIGKILL write commands at random moments on a 16 TiB image
 //!   (`QCOW2_BITMAP_KILL_TRIALS=N` for a long run, `QCOW2_BITMAP_SEED` to replay);
 //!   `kill_backup`: the same for `backup` (with and without `--next`), `restore`, `apply`.
+//! - `backup`: offline full and incremental backups, restore, apply and verify against
+//!   QEMU (compare, check, map, blockdev-backup), refusals and the manifest schema.
 
 #[path = "it/util.rs"]
 mod util;
@@ -67,3 +69,6 @@ mod guest_fixtures;
 
 #[path = "it/kill_backup.rs"]
 mod kill_backup;
+
+#[path = "it/backup.rs"]
+mod backup;

@@ -172,6 +172,7 @@ pub fn backup(
         chain_opts.top_access = Some(Access::ReadForceShare);
     }
     let chain = Chain::open_with(image, chain_opts).map_err(|e| e.context(&shown))?;
+    not_read_from(output, &chain, "the image being backed up")?;
     let size = chain.virtual_size();
     let source_cluster = chain.members()[0].cluster_size().unwrap_or(65536);
     // The bitmap: from the write-locked file, or a read-only open.
@@ -372,6 +373,7 @@ fn backing_ref(output: &Path, name: &str, size: u64) -> Result<BackingRef> {
     let at = gchain::combine(output, name);
     let prev =
         Chain::open(&at, Access::Read).map_err(|e| e.context(format!("--backing {name}")))?;
+    not_read_from(output, &prev, "the previous backup")?;
     if prev.virtual_size() != size {
         return Err(invalid(
             &format!("--backing {name}"),
@@ -391,6 +393,39 @@ fn backing_ref(output: &Path, name: &str, size: u64) -> Result<BackingRef> {
         filename: name.to_string(),
         manifest_sha256,
     })
+}
+
+/// Refuses an OUTPUT that is a file of `chain` (a member or its external
+/// data file): renaming the backup into place would replace it.
+fn not_read_from(output: &Path, chain: &Chain, what: &str) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(out) = std::fs::metadata(output) else {
+        return Ok(());
+    };
+    for (depth, m) in chain.members().iter().enumerate() {
+        let data_file = m.data_file.as_ref().map(|d| PathBuf::from(&d.name));
+        for (p, role) in [
+            (Some(m.path.clone()), "a member of"),
+            (data_file, "the data file of"),
+        ] {
+            let Some(p) = p else { continue };
+            if std::fs::metadata(&p).is_ok_and(|f| f.dev() == out.dev() && f.ino() == out.ino()) {
+                let whose = if depth == 0 && role == "a member of" {
+                    what.to_string()
+                } else {
+                    format!("{role} {what}")
+                };
+                return Err(invalid(
+                    &output.display().to_string(),
+                    format!(
+                        "is {whose} ({}): a backup never replaces a file it reads",
+                        p.display()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Bytes read per chunk of a data unit.

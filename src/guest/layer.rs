@@ -444,7 +444,7 @@ impl L2Walk<'_> {
             if run.kind == (Kind::Unallocated { host: None }) && !self.layer.extended {
                 // Fast path: skip all-zero standard entries.
                 let index = (at / cs) & ((1 << self.layer.l2_bits) - 1);
-                let zeros = self.zero_entries_from(index);
+                let zeros = self.zero_entries_from(index, (span_end - at).div_ceil(cs));
                 if zeros > 0 {
                     let skip = (zeros * cs).min(span_end - at);
                     at += skip;
@@ -466,10 +466,14 @@ impl L2Walk<'_> {
         Ok(run)
     }
 
-    /// How many all-zero standard entries start at `index`.
-    fn zero_entries_from(&self, index: u64) -> u64 {
-        let start = (index * 8) as usize;
-        let rest = &self.table[start.min(self.table.len())..];
+    /// How many all-zero standard entries start at `index` (at most `max`:
+    /// a query of a small range must not scan the rest of a big table).
+    fn zero_entries_from(&self, index: u64, max: u64) -> u64 {
+        let start = ((index * 8) as usize).min(self.table.len());
+        let end = start
+            .saturating_add(usize::try_from(max.saturating_mul(8)).unwrap_or(usize::MAX))
+            .min(self.table.len());
+        let rest = &self.table[start..end];
         let mut n = 0usize;
         let mut chunks = rest.chunks_exact(64);
         for c in chunks.by_ref() {
