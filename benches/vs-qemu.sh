@@ -17,6 +17,10 @@
 #                  this long in total (at least one run is always made; 0 = no cap, default)
 #   --tmpdir DIR   where the temp dir goes (default $TMPDIR or /tmp); needs < 15 GiB
 #   --images-only  build the images (img1/img8/img32.qcow2), keep them, time nothing (profiling)
+#   --guest        only the guest-data cases (see "guest data" below): map --json against
+#                  qemu-img map on a 16 TiB image with 100k data + 20k zero clusters scattered,
+#                  guest reads against cat, compressed reads against qemu-img convert
+#   --guest-read-mib N  MiB of contiguous data for the guest-read case (default 2048)
 # Env: QCOW2_BITMAP=path skips the cargo build; CARGO_TARGET_DIR (default /tmp/target-vsq).
 #
 # Needs qemu-img, qemu-io, qemu-nbd, nbdinfo (Debian libnbd-bin), GNU time (/usr/bin/time),
@@ -29,11 +33,14 @@ repo=$(cd "$here/.." && pwd)
 helper="$here/vs-qemu-report.py"
 
 quick=0 keep=0 images_only=0 out="" runs="" cap=0 tmpbase="${TMPDIR:-/tmp}"
+guest=0 guest_read_mib=2048
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) quick=1 ;;
         --keep) keep=1 ;;
         --images-only) images_only=1; keep=1 ;;
+        --guest) guest=1 ;;
+        --guest-read-mib) guest_read_mib=$2; shift ;;
         --out) out=$2; shift ;;
         --out=*) out=${1#--out=} ;;
         --runs) runs=$2; shift ;;
@@ -243,6 +250,168 @@ measure_op() { # measure_op OP N BASE
     done
     rm -f "$tmp"/run-*.qcow2
 }
+
+# ---- guest data (--guest) ----------------------------------------------------------------
+# map --json against qemu-img map --output=json, default and with a 64 KiB L2 cache entry
+# size, on a 16 TiB image (64 KiB clusters) with 100k data clusters (different bytes each) and
+# 20k zero clusters at seeded random places, written by benches/guest-image.py and passed by
+# qemu-img check; floor: cat of a copy of its L2 tables (every table read once). Guest reads
+# through examples/guest_cat: a qcow2 image of contiguous data against cat of a raw file with
+# the same bytes (the floor), and deflate- and zstd-compressed images (qemu-img convert -c of
+# 512 MiB of pseudo-text) against qemu-img convert into QEMU's null-co driver (QEMU's
+# /dev/null). Every output is compared with QEMU's once; page cache warm; median of $runs runs
+# in rotating order; GNU time for peak RSS and CPU (%P, 200% = both cores).
+gimg="$here/guest-image.py"
+
+guest_timed() { # guest_timed CASE TOOL RUN BYTES CMD... (RUN w: warm-up, not recorded)
+    local c=$1 tool=$2 run=$3 bytes=$4; shift 4
+    local t0 t1 rc=0 ms rss cpu
+    t0=$(now_ns)
+    /usr/bin/time -f '%M %P' -o "$tmp/grss" "$@" >/dev/null 2>"$tmp/stderr" || rc=$?
+    t1=$(now_ns)
+    ms=$(( (t1 - t0) / 1000 ))
+    last_ms=$(printf '%d.%03d' $((ms / 1000)) $((ms % 1000)))
+    if [ "$rc" != 0 ]; then
+        printf '%s/%s (exit %s): %s\n    %s\n' "$c" "$tool" "$rc" "$*" \
+            "$(head -c 2000 "$tmp/stderr")" >>"$errors"
+        log "FAILED ($c $tool, exit $rc): $* -- $(head -c 300 "$tmp/stderr")"
+        printf '%s\t%s\t%s\t0\t0\t0\t0\tFAIL\n' "$c" "$tool" "$run" >>"$gresults"
+        return 1
+    fi
+    read -r rss cpu <"$tmp/grss"
+    if [ "$run" != w ]; then
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\tok\n' "$c" "$tool" "$run" "$last_ms" "$rss" \
+            "${cpu%\%}" "$bytes" >>"$gresults"
+    fi
+}
+
+guest_cmd() { # guest_cmd CASE TOOL
+    local t=$tmp
+    case $1/$2 in
+        map/ours) echo "$ours map --json $t/map.qcow2" ;;
+        map/qemu) echo "qemu-img map --output=json $t/map.qcow2" ;;
+        map/qemu-tuned) echo "qemu-img map --output=json --image-opts driver=qcow2,file.filename=$t/map.qcow2,l2-cache-entry-size=65536" ;;
+        map/floor-cat-l2) echo "cat $t/map.l2" ;;
+        read/ours) echo "$guest_cat $t/read.qcow2" ;;
+        read/floor-cat) echo "cat $t/read.raw" ;;
+        zlib/ours | zstd/ours) echo "$guest_cat $t/$1.qcow2" ;;
+        zlib/qemu-convert | zstd/qemu-convert)
+            echo "qemu-img convert -n --target-image-opts $t/$1.qcow2 driver=null-co,size=$((512 << 20))" ;;
+    esac
+}
+
+guest_measure() { # guest_measure CASE BYTES TOOL... (BYTES: per tool, "TOOL=N" or N for all)
+    local c=$1 bytes_spec=$2 i k n t cmd argv b line; shift 2
+    local tools=("$@")
+    n=${#tools[@]}
+    log "guest $c: warm-up"
+    for t in "${tools[@]}"; do
+        cmd=$(guest_cmd "$c" "$t"); read -r -a argv <<<"$cmd"
+        guest_timed "$c" "$t" w 0 "${argv[@]}" || true
+    done
+    for ((i = 1; i <= runs; i++)); do
+        line=""
+        for ((k = 0; k < n; k++)); do
+            t=${tools[$(( (i - 1 + k) % n ))]}
+            b=0
+            case " $bytes_spec " in *" $t="*) b=${bytes_spec#*"$t="}; b=${b%% *} ;; esac
+            cmd=$(guest_cmd "$c" "$t"); read -r -a argv <<<"$cmd"
+            guest_timed "$c" "$t" "$i" "$b" "${argv[@]}" || true
+            line="$line $t ${last_ms} ms,"
+        done
+        log "guest $c, run $i:${line%,}"
+    done
+}
+
+guest_main() {
+    gresults=$tmp/guest.tsv
+    : >"$gresults"
+    guest_cat=${GUEST_CAT:-}
+    if [ -z "$guest_cat" ]; then
+        local target=${CARGO_TARGET_DIR:-/tmp/target-vsq}
+        log "cargo build --release --example guest_cat (CARGO_TARGET_DIR=$target)"
+        (cd "$repo" && CARGO_TARGET_DIR=$target cargo build --release --quiet --example guest_cat) \
+            || die "cargo build of guest_cat failed"
+        guest_cat=$target/release/examples/guest_cat
+    fi
+    [ -x "$guest_cat" ] || die "$guest_cat missing"
+    local load0 start0 l2bytes entries
+    load0=$(cut -d' ' -f1-3 /proc/loadavg)
+    start0=$(now_ns)
+
+    # map: 16 TiB, 100k data + 20k zero clusters scattered (about 32k L2 tables, 8 GiB file).
+    log "guest map: writing the 16 TiB image (python, ~30 s)"
+    python3 "$gimg" scattered "$tmp/map.qcow2" $((16 << 40)) 100000 20000 42 "$tmp/map.l2" \
+        || die "build: guest-image.py scattered failed"
+    sync "$tmp/map.qcow2" "$tmp/map.l2"   # no writeback during the timed runs
+    qemu-img check -q "$tmp/map.qcow2" || die "build: qemu-img check of the map image failed"
+    # The validation runs below warm the L2 tables (the data clusters are never read by a map,
+    # and leaving their 6 GiB out of the page cache leaves room for everything else).
+    cat "$tmp/map.l2" >/dev/null
+    "$ours" map --json "$tmp/map.qcow2" >"$tmp/map-ours.json" || die "our map failed"
+    qemu-img map --output=json "$tmp/map.qcow2" >"$tmp/map-qemu.json" || die "qemu-img map failed"
+    read -r -a argv <<<"$(guest_cmd map qemu-tuned)"
+    "${argv[@]}" >"$tmp/map-tuned.json" || die "tuned qemu-img map failed: ${argv[*]}"
+    cmp "$tmp/map-ours.json" "$tmp/map-qemu.json" || die "map --json differs from qemu-img map"
+    cmp "$tmp/map-tuned.json" "$tmp/map-qemu.json" || die "tuned qemu-img map differs"
+    entries=$(wc -l <"$tmp/map-qemu.json")
+    l2bytes=$(stat -c %s "$tmp/map.l2")
+    log "map validated: ours equals qemu-img map byte for byte ($entries entries, $(stat -c %s "$tmp/map-qemu.json") bytes)"
+    rm -f "$tmp"/map-*.json
+    guest_measure map "floor-cat-l2=$l2bytes" ours qemu qemu-tuned floor-cat-l2
+    rm -f "$tmp/map.qcow2" "$tmp/map.l2"
+
+    # read: contiguous data from the page cache against cat of the same bytes.
+    local mib=$guest_read_mib
+    log "guest read: $mib MiB of data, qemu-img convert to qcow2"
+    python3 "$gimg" data "$tmp/read.raw" "$mib" 3 random || die "build: data failed"
+    qemu-img convert -O qcow2 -o cluster_size=64k "$tmp/read.raw" "$tmp/read.qcow2" \
+        || die "build: qemu-img convert failed"
+    sync "$tmp/read.raw" "$tmp/read.qcow2"
+    cat "$tmp/read.raw" "$tmp/read.qcow2" >/dev/null
+    "$guest_cat" "$tmp/read.qcow2" | cmp - "$tmp/read.raw" || die "guest_cat differs from the raw data"
+    guest_measure read "ours=$((mib << 20)) floor-cat=$((mib << 20))" ours floor-cat
+    rm -f "$tmp/read.raw" "$tmp/read.qcow2"
+
+    # compressed: 512 MiB of pseudo-text, deflate and zstd.
+    log "guest compressed: 512 MiB of text, qemu-img convert -c (zlib, zstd)"
+    python3 "$gimg" data "$tmp/text.raw" 512 5 text || die "build: text failed"
+    qemu-img convert -c -O qcow2 -o cluster_size=64k "$tmp/text.raw" "$tmp/zlib.qcow2" \
+        || die "build: convert -c failed"
+    qemu-img convert -c -O qcow2 -o cluster_size=64k,compression_type=zstd "$tmp/text.raw" \
+        "$tmp/zstd.qcow2" || die "build: convert -c zstd failed"
+    for c in zlib zstd; do
+        qemu-img check -q "$tmp/$c.qcow2" || die "build: qemu-img check $c.qcow2 failed"
+        cat "$tmp/$c.qcow2" >/dev/null
+        "$guest_cat" "$tmp/$c.qcow2" | cmp - "$tmp/text.raw" || die "guest_cat of $c.qcow2 differs"
+        qemu-img convert -O raw "$tmp/$c.qcow2" "$tmp/back.raw" && cmp "$tmp/back.raw" "$tmp/text.raw" \
+            || die "qemu-img convert of $c.qcow2 differs"
+        rm -f "$tmp/back.raw"
+        log "$c: guest_cat and qemu-img convert both give the original bytes ($(stat -c %s "$tmp/$c.qcow2") bytes compressed)"
+        guest_measure "$c" "ours=$((512 << 20)) qemu-convert=$((512 << 20))" ours qemu-convert
+    done
+
+    {
+        echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+        echo "nproc: $(nproc); CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+        echo "load average at start: $load0; at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+        echo "qemu-img: $(qemu-img --version | sed -n 1p)"
+        echo "qcow2-bitmap: $($ours --version 2>/dev/null | sed -n 1p), git $commit"
+        echo "map: 16 TiB, 64 KiB clusters, 100k data + 20k zero clusters scattered, $entries JSON entries; L2 tables $((l2bytes >> 20)) MiB"
+        echo "read: $mib MiB contiguous data (qemu-img convert of a raw file); zlib/zstd: qemu-img convert -c of 512 MiB pseudo-text"
+        echo "runs: median of $runs (rotating order, warm page cache, one untimed warm-up each); time / ours > 1: ours faster"
+        echo "wall time of the guest run: $(( ($(now_ns) - start0) / 1000000000 ))s"
+    } >"$tmp/guest-header.txt"
+    echo
+    python3 "$gimg" report "$gresults" "$tmp/guest-header.txt" ${out:+"$out"}
+    if [ -s "$errors" ]; then
+        echo
+        echo "FAILURES of commands:"
+        cat "$errors"
+    fi
+    [ -n "$out" ] && echo "(written to $out)" >&2
+}
+if [ "$guest" = 1 ]; then guest_main; exit 0; fi
 
 # ---- main --------------------------------------------------------------------------------
 start=$(now_ns)

@@ -8,6 +8,8 @@ use super::{Chain, Reader};
 use crate::error::{Error, Result};
 use crate::format::l2::CompressedDescriptor;
 use crate::storage::ReadAt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 /// One compressed cluster that a read needs, and where its bytes go.
 struct Job<'b> {
@@ -73,7 +75,15 @@ impl Reader<'_> {
         }
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         if jobs.len() >= PARALLEL_MIN_JOBS && threads > 1 {
-            return decompress_parallel(chain, jobs, threads);
+            // The reader's own buffer is used as scratch: forget what it held.
+            self.cached = None;
+            return decompress_parallel(
+                chain,
+                jobs,
+                threads,
+                &mut self.decompressor,
+                &mut self.cluster,
+            );
         }
         for job in jobs {
             self.compressed_into(job)?;
@@ -109,45 +119,59 @@ fn qcow2_of(chain: &Chain, depth: usize) -> Result<&Qcow2Layer> {
     }
 }
 
-fn decompress_parallel(chain: &Chain, jobs: Vec<Job<'_>>, threads: usize) -> Result<()> {
-    let per = jobs.len().div_ceil(threads);
-    let mut groups: Vec<Vec<Job<'_>>> = Vec::new();
-    let mut jobs = jobs.into_iter().peekable();
-    while jobs.peek().is_some() {
-        groups.push(jobs.by_ref().take(per).collect());
-    }
-    std::thread::scope(|s| {
-        let handles: Vec<_> = groups
-            .into_iter()
-            .map(|group| {
-                s.spawn(move || -> Result<()> {
-                    let mut d = Decompressor::new();
-                    let mut cluster = Vec::new();
-                    for job in group {
-                        let member = &chain.members()[job.depth];
-                        let q = qcow2_of(chain, job.depth)?;
-                        cluster.resize(q.geometry().cluster_len(), 0);
-                        d.cluster(q, job.desc, job.gofs, &mut cluster)
-                            .map_err(|e| e.context(member.path.display()))?;
-                        job.out
-                            .copy_from_slice(&cluster[job.within..job.within + job.out.len()]);
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        let mut first_err = None;
-        for h in handles {
-            let r = h.join().unwrap_or_else(|_| {
-                Err(Error::invalid_input(
-                    "decompression thread",
-                    "panicked (a bug)",
-                ))
+/// Decompresses `jobs` on `threads` threads, the caller's among them. The
+/// threads take jobs one at a time from a shared queue in guest order, so a
+/// thread that gets less CPU (a loaded machine) does fewer of them; the
+/// error returned is that of the first failing job in guest order.
+fn decompress_parallel(
+    chain: &Chain,
+    jobs: Vec<Job<'_>>,
+    threads: usize,
+    decompressor: &mut Decompressor,
+    cluster: &mut Vec<u8>,
+) -> Result<()> {
+    let helpers = threads.min(jobs.len()) - 1;
+    let queue = Mutex::new(jobs.into_iter().enumerate());
+    let failed = AtomicBool::new(false);
+    let work = |d: &mut Decompressor, cluster: &mut Vec<u8>| -> Option<(usize, Error)> {
+        while !failed.load(Ordering::Relaxed) {
+            let next = queue.lock().unwrap_or_else(PoisonError::into_inner).next();
+            let Some((i, job)) = next else { break };
+            let member = &chain.members()[job.depth];
+            let r = qcow2_of(chain, job.depth).and_then(|q| {
+                cluster.resize(q.geometry().cluster_len(), 0);
+                d.cluster(q, job.desc, job.gofs, cluster)
+                    .map_err(|e| e.context(member.path.display()))
             });
             if let Err(e) = r {
-                first_err.get_or_insert(e);
+                failed.store(true, Ordering::Relaxed);
+                return Some((i, e));
+            }
+            job.out
+                .copy_from_slice(&cluster[job.within..job.within + job.out.len()]);
+        }
+        None
+    };
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..helpers)
+            .map(|_| s.spawn(|| work(&mut Decompressor::new(), &mut Vec::new())))
+            .collect();
+        // Jobs before a failing one were all taken before it, so the lowest
+        // index among the failures is the first failing job.
+        let mut first = work(decompressor, cluster);
+        for h in handles {
+            let r = h.join().unwrap_or_else(|_| {
+                Some((
+                    0,
+                    Error::invalid_input("decompression thread", "panicked (a bug)"),
+                ))
+            });
+            if let Some((i, e)) = r
+                && first.as_ref().is_none_or(|(j, _)| i < *j)
+            {
+                first = Some((i, e));
             }
         }
-        first_err.map_or(Ok(()), Err)
+        first.map_or(Ok(()), |(_, e)| Err(e))
     })
 }
