@@ -107,7 +107,7 @@ impl<'c> DirtyData<'c> {
             return Ok(None);
         };
         match u.what {
-            What::Zero => Ok(Some(Piece::Zero {
+            What::Zero | What::Hole => Ok(Some(Piece::Zero {
                 offset: u.offset,
                 len: u.len,
             })),

@@ -196,11 +196,12 @@ pub fn backup(
         OutputFormat::Qcow2 => Some(source_cluster),
         OutputFormat::Raw => None,
     };
-    let mode = if bitmap_ref.is_some() {
-        Mode::Everything
-    } else {
-        Mode::Allocated
-    };
+    let mode = Mode::Everything;
+    // Ranges nothing in the source allocates read as zeros: a full backup
+    // lists them as zero extents (so `apply` onto a used disk is exact) but
+    // leaves them unallocated in a qcow2 output without a backing file; an
+    // incremental, or an output over a backing file, masks them.
+    let mask_holes = bitmap_ref.is_some() || backing.is_some();
     let mut reader = chain.reader();
     // Pass 1: what will be written (for the qcow2 layout and the progress bar).
     let mut plan = sinks::Tally::new(cluster.unwrap_or(65536));
@@ -244,7 +245,7 @@ pub fn backup(
         cluster,
         mode,
         |reader, u| {
-            copy_unit(reader, u, size, &mut buf, &mut sink, &mut log)?;
+            copy_unit(reader, u, size, &mut buf, &mut sink, &mut log, mask_holes)?;
             done += u.len;
             if let Some(p) = progress.as_mut() {
                 p(done.min(total), total);
@@ -439,11 +440,14 @@ fn copy_unit(
     buf: &mut Vec<u8>,
     sink: &mut Sink,
     log: &mut ExtentLog,
+    mask_holes: bool,
 ) -> Result<()> {
     let end = u.offset + u.len;
     match u.what {
-        What::Zero => {
-            sink.zero(u.offset, u.len)?;
+        What::Zero | What::Hole => {
+            if u.what == What::Zero || mask_holes {
+                sink.zero(u.offset, u.len)?;
+            }
             log.zero(u.offset, end.min(size) - u.offset);
         }
         What::Data => {

@@ -96,7 +96,7 @@ pub fn restore(
         cluster,
         Mode::DataOnly,
         |reader, u| {
-            super::copy_unit(reader, u, size, &mut buf, &mut sink, &mut log)?;
+            super::copy_unit(reader, u, size, &mut buf, &mut sink, &mut log, false)?;
             done += u.len;
             if let Some(p) = progress.as_mut() {
                 p(done.min(tally.bytes), tally.bytes);

@@ -36,6 +36,8 @@ impl Tally {
     /// Counts one unit.
     pub fn add(&mut self, u: Unit) {
         self.bytes += u.len;
+        // Holes count too: an incremental masks them with zero clusters
+        // (for a full backup this only over-reserves refcount blocks).
         let per_l1 = self.cs * (self.cs / 8);
         let first = u.offset / per_l1;
         let last = (u.offset + u.len - 1) / per_l1;

@@ -22,8 +22,17 @@ fn window(cluster: Option<u64>) -> u64 {
 pub enum What {
     /// Guest data, to read and store.
     Data,
-    /// Reads as zeros.
+    /// Reads as zeros, allocated as zeros in the source.
     Zero,
+    /// Reads as zeros, not allocated in the source (nothing in the chain).
+    Hole,
+}
+
+impl What {
+    /// Whether the unit reads as zeros.
+    pub fn is_zero(self) -> bool {
+        self != What::Data
+    }
 }
 
 /// A run of guest bytes of one kind. For qcow2 outputs `offset` and `len`
@@ -41,10 +50,8 @@ pub struct Unit {
 /// Which ranges a walk keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// Incremental: every byte of the ranges, data or zeros.
+    /// Backups: every byte of the ranges, data, zeros or holes.
     Everything,
-    /// Full backup: data, and zeros where the image allocates them (unallocated skipped).
-    Allocated,
     /// Restore: data only.
     DataOnly,
 }
@@ -188,9 +195,9 @@ impl Rounder {
 fn keep(mode: Mode, data: bool, present: bool) -> Option<What> {
     match (mode, data, present) {
         (_, true, _) => Some(What::Data),
-        (Mode::Everything, false, _) => Some(What::Zero),
-        (Mode::Allocated, false, true) => Some(What::Zero),
-        _ => None,
+        (Mode::Everything, false, true) => Some(What::Zero),
+        (Mode::Everything, false, false) => Some(What::Hole),
+        (Mode::DataOnly, false, _) => None,
     }
 }
 
@@ -308,18 +315,7 @@ mod tests {
         assert_eq!(
             got,
             [
-                (0, 100, What::Zero),
-                (100, 100, What::Data),
-                (200, 200, What::Zero),
-                (400, 100, What::Data)
-            ]
-        );
-        let mut u = Vec::new();
-        classify_clusters(&entries, cs, Mode::Allocated, &mut u);
-        let got: Vec<_> = u.iter().map(|u| (u.offset, u.len, u.what)).collect();
-        assert_eq!(
-            got,
-            [
+                (0, 100, What::Hole),
                 (100, 100, What::Data),
                 (200, 200, What::Zero),
                 (400, 100, What::Data)

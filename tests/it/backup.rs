@@ -2183,3 +2183,57 @@ fn backup_of_big_sparse_tables_is_fast() {
     assert_identical(d, "src.qcow2", "r.qcow2", "4 TiB, 2 MiB clusters");
     assert_check(d, "b0.qcow2", "4 TiB, 2 MiB clusters");
 }
+
+/// A full backup lists every range that reads as zeros, allocated or not,
+/// so `apply` of it onto a disk full of other bytes gives the source
+/// exactly; the qcow2 output still leaves unallocated ranges unallocated.
+#[test]
+fn full_backup_apply_onto_a_used_disk_is_exact() {
+    if !qemu_available("full_backup_apply_onto_a_used_disk_is_exact", TOOLS) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut rng = Rng(0xf011);
+    sh(
+        d,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "src.qcow2", "8M"],
+    );
+    qemu_io(
+        d,
+        "src.qcow2",
+        &cmds(&[
+            "write -P 0x11 0 1M",
+            "write -z 2M 512k",
+            "write -P 0x22 5M 64k",
+        ]),
+    );
+    let want = guest_bytes(d, "src.qcow2");
+    for format in ["qcow2", "raw"] {
+        let out = format!("full.{format}");
+        ours_ok(d, &["backup", "--format", format, "src.qcow2", &out]);
+        let m = json_file(d, &format!("{out}.json"));
+        let covered: u64 = m["data-bytes"].as_u64().unwrap() + m["zero-bytes"].as_u64().unwrap();
+        assert_eq!(
+            covered,
+            8 << 20,
+            "{format}: the manifest covers the whole disk"
+        );
+        random_file(d, "used.raw", &mut rng, 8 << 20);
+        ours_ok(d, &["apply", &out, "used.raw"]);
+        assert!(
+            std::fs::read(d.join("used.raw")).unwrap() == want,
+            "{format}: apply of a full backup onto a used disk is not exact"
+        );
+    }
+    // Unallocated stays unallocated in the qcow2 output (only the 512 KiB
+    // the source allocates as zeros are zero clusters).
+    let zero_clusters: u64 = depth0(&qemu_map(d, "full.qcow2"))
+        .iter()
+        .filter(|(_, _, zero)| *zero)
+        .map(|(_, len, _)| len)
+        .sum();
+    assert_eq!(zero_clusters, 512 << 10);
+    assert_check(d, "full.qcow2", "full backup");
+}
