@@ -15,18 +15,17 @@ use crate::error::{Error, Result};
 use crate::format::l2::CompressedDescriptor;
 use crate::storage::ReadAt;
 use flate2::{Decompress, FlushDecompress, Status};
-use ruzstd::decoding::{BlockDecodingStrategy, FrameDecoder};
-use std::io::Read;
+use zstd::stream::raw::{DParameter, Decoder, InBuffer, Operation, OutBuffer};
 
-/// The largest zstd window we accept: enough for any cluster (2 MiB) and
-/// far below the decoder's default, so a crafted frame cannot make us
-/// allocate more.
-const MAX_ZSTD_WINDOW: u64 = 8 << 20;
+/// log2 of the largest zstd window we accept (8 MiB): enough for any
+/// cluster (2 MiB) and far below libzstd's default, so a crafted frame
+/// cannot make us allocate more.
+const MAX_ZSTD_WINDOW_LOG: u32 = 23;
 
 /// Reusable decompression state (one per thread).
 pub struct Decompressor {
     inflate: Decompress,
-    zstd: FrameDecoder,
+    zstd: Option<Decoder<'static>>,
     input: Vec<u8>,
 }
 
@@ -45,8 +44,8 @@ impl Default for Decompressor {
 impl Decompressor {
     /// Fresh state.
     pub fn new() -> Self {
-        let mut zstd = FrameDecoder::new();
-        zstd.set_max_window_size(MAX_ZSTD_WINDOW);
+        // Created on the first zstd cluster (most images use deflate).
+        let zstd = None;
         Decompressor {
             inflate: Decompress::new(false),
             zstd,
@@ -81,7 +80,7 @@ impl Decompressor {
             .map_err(|e| Error::io(object(), Some(desc.offset), e))?;
         let result = match layer.header.compression_type() {
             0 => inflate(&mut self.inflate, &self.input, out),
-            _ => unzstd(&mut self.zstd, &self.input, out),
+            _ => zstd_decoder(&mut self.zstd).and_then(|d| unzstd(d, &self.input, out)),
         };
         result.map_err(|msg| Error::corrupt(object(), desc.offset, msg))
     }
@@ -109,54 +108,60 @@ fn inflate(d: &mut Decompress, input: &[u8], out: &mut [u8]) -> std::result::Res
     })
 }
 
-/// A zstd stream of one or more frames into `out`; the frames must yield
-/// exactly `out.len()` bytes, and trailing bytes after the last frame are ignored.
-fn unzstd(d: &mut FrameDecoder, input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
+fn zstd_decoder<'a>(
+    d: &'a mut Option<Decoder<'static>>,
+) -> std::result::Result<&'a mut Decoder<'static>, String> {
+    if d.is_none() {
+        let mut dec = Decoder::new().map_err(|e| format!("zstd decoder: {e}"))?;
+        dec.set_parameter(DParameter::WindowLogMax(MAX_ZSTD_WINDOW_LOG))
+            .map_err(|e| format!("zstd decoder: {e}"))?;
+        *d = Some(dec);
+    }
+    d.as_mut().ok_or_else(|| "zstd decoder".to_string())
+}
+
+/// A zstd stream of one or more frames into `out`, as QEMU reads it: frames
+/// decoded until the cluster is full, the last one required to end there
+/// (a frame running past the cluster is refused); trailing bytes after it
+/// are ignored, checksums are checked.
+fn unzstd(
+    d: &mut Decoder<'static>,
+    input: &[u8],
+    out: &mut [u8],
+) -> std::result::Result<(), String> {
     let want = out.len();
-    let mut src = input;
-    let mut filled = 0;
-    let zerr = |e: &dyn std::fmt::Display| format!("zstd data does not decompress: {e}");
-    while filled < want {
-        if src.is_empty() {
-            return Err(format!(
-                "zstd data decompresses to {filled} bytes, less than the cluster ({want} bytes)"
-            ));
-        }
-        d.reset(&mut src).map_err(|e| zerr(&e))?;
-        loop {
-            let room = want - filled;
-            if room > 0 {
-                d.decode_blocks(&mut src, BlockDecodingStrategy::UptoBytes(room))
-                    .map_err(|e| zerr(&e))?;
-                let n = d.read(&mut out[filled..]).map_err(|e| zerr(&e))?;
-                filled += n;
-            } else if !d.is_finished() {
-                // The cluster is full: only empty blocks may remain.
-                d.decode_blocks(&mut src, BlockDecodingStrategy::UptoBlocks(1))
-                    .map_err(|e| zerr(&e))?;
+    let zerr = |e: std::io::Error| format!("zstd data does not decompress: {e}");
+    d.reinit().map_err(zerr)?;
+    let mut inb = InBuffer::around(input);
+    let mut outb = OutBuffer::around(out);
+    loop {
+        let (in0, out0) = (inb.pos(), outb.pos());
+        // 0 exactly when a frame is completely decoded and flushed.
+        let hint = d.run(&mut inb, &mut outb).map_err(zerr)?;
+        if outb.pos() == want {
+            if hint == 0 {
+                return Ok(());
             }
-            if filled == want && d.can_collect() > 0 {
-                return Err(format!(
+            // The cluster is full: only the frame's end (an empty last block,
+            // the checksum) may remain.
+            let mut one = [0u8; 1];
+            let mut extra = OutBuffer::around(&mut one[..]);
+            let hint = d.run(&mut inb, &mut extra).map_err(zerr)?;
+            return if extra.pos() == 0 && hint == 0 {
+                Ok(())
+            } else {
+                Err(format!(
                     "zstd data decompresses to more than the cluster ({want} bytes)"
-                ));
-            }
-            if d.is_finished() && d.can_collect() == 0 {
-                break;
-            }
-            if room > 0 && d.can_collect() == 0 && d.is_finished() {
-                break;
-            }
+                ))
+            };
         }
-        if let (Some(stored), Some(computed)) =
-            (d.get_checksum_from_data(), d.get_calculated_checksum())
-            && stored != computed
-        {
+        if hint == 0 && inb.pos() == input.len() || inb.pos() == in0 && outb.pos() == out0 {
             return Err(format!(
-                "zstd frame checksum {stored:#010x} does not match the data ({computed:#010x})"
+                "zstd data decompresses to {} bytes, less than the cluster ({want} bytes)",
+                outb.pos()
             ));
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -228,39 +233,38 @@ mod tests {
     #[test]
     fn zstd_frames_like_qemu() {
         let data = cluster_data(5);
-        let mut d = FrameDecoder::new();
+        let mut d = None;
+        let d = zstd_decoder(&mut d).unwrap();
         let mut out = vec![0u8; 65536];
         let mut frame = zstd_raw_frame(&data, false);
-        unzstd(&mut d, &frame, &mut out).unwrap();
+        unzstd(d, &frame, &mut out).unwrap();
         assert_eq!(out, data);
         // Trailing bytes are ignored.
         frame.extend_from_slice(&[0xab; 200]);
         out.fill(0);
-        unzstd(&mut d, &frame, &mut out).unwrap();
+        unzstd(d, &frame, &mut out).unwrap();
         assert_eq!(out, data);
         // Two frames of half a cluster each.
         let mut two = zstd_raw_frame(&data[..32768], false);
         two.extend(zstd_raw_frame(&data[32768..], false));
         out.fill(0);
-        unzstd(&mut d, &two, &mut out).unwrap();
+        unzstd(d, &two, &mut out).unwrap();
         assert_eq!(out, data);
         // Too short, too long, garbage.
-        let e = unzstd(&mut d, &zstd_raw_frame(&data[..100], false), &mut out).unwrap_err();
+        let e = unzstd(d, &zstd_raw_frame(&data[..100], false), &mut out).unwrap_err();
         assert!(e.contains("less than the cluster"), "{e}");
         let long: Vec<u8> = data.iter().chain(data.iter()).copied().collect();
-        let e = unzstd(&mut d, &zstd_raw_frame(&long, false), &mut out).unwrap_err();
+        let e = unzstd(d, &zstd_raw_frame(&long, false), &mut out).unwrap_err();
         assert!(e.contains("more than the cluster"), "{e}");
-        assert!(unzstd(&mut d, &[0x11; 100], &mut out).is_err());
+        assert!(unzstd(d, &[0x11; 100], &mut out).is_err());
         // A wrong checksum is refused.
-        let e = unzstd(&mut d, &zstd_raw_frame(&data, true), &mut out).unwrap_err();
+        let e = unzstd(d, &zstd_raw_frame(&data, true), &mut out).unwrap_err();
         assert!(e.contains("checksum"), "{e}");
         // A real compressed frame.
-        let real = ruzstd::encoding::compress_to_vec(
-            &data[..],
-            ruzstd::encoding::CompressionLevel::Fastest,
-        );
+        let mut real = zstd::bulk::compress(&data, 3).unwrap();
+        real.extend_from_slice(&[0x5a; 300]);
         out.fill(0);
-        unzstd(&mut d, &real, &mut out).unwrap();
+        unzstd(d, &real, &mut out).unwrap();
         assert_eq!(out, data);
     }
 }
