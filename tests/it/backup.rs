@@ -30,20 +30,6 @@ const TOOLS: &[&str] = &["qemu-img", "qemu-io"];
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        splitmix64(&mut self.0)
-    }
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.range(0, items.len() as u64 - 1) as usize]
-    }
-}
-
 /// Runs a tool in `dir` and asserts success (qemu-io reports failures on stdout).
 fn sh(dir: &Path, prog: &str, args: &[&str]) -> Output {
     let out = Command::new(prog)
