@@ -32,6 +32,7 @@ mod open;
 mod ops;
 mod plan;
 pub mod refcounts;
+mod release;
 pub mod repair;
 mod transaction;
 

@@ -98,6 +98,7 @@ impl<S: WriteAt> Transaction<S> {
             entry,
             state: BitmapState::Ok,
             pending: Some(pending),
+            disk_index: None,
         });
         self.mark_changed();
         Ok(())
@@ -148,7 +149,7 @@ impl<S: WriteAt> Transaction<S> {
         }
         for n in names {
             let i = self.position(n)?;
-            self.release_content(i);
+            self.release_content(i)?;
             self.staged.remove(i);
         }
         self.mark_changed();
@@ -156,18 +157,20 @@ impl<S: WriteAt> Transaction<S> {
     }
 
     /// Queues the clusters of bitmap `i`'s current content for freeing.
-    /// Content whose table cannot be trusted is leaked, never freed.
-    fn release_content(&mut self, i: usize) {
+    /// Content whose table cannot be trusted is freed only where the owner
+    /// walk proves it (see `release.rs`), never by assumption.
+    fn release_content(&mut self, i: usize) -> Result<()> {
         let g = self.geometry();
         let s = &self.staged[i];
         let runs = match &s.pending {
             Some(p) => content_clusters(g, s.entry.table_offset, &p.raw),
             None => match self.on_disk_raw(i) {
                 Some(raw) => content_clusters(g, s.entry.table_offset, &raw),
-                None => return,
+                None => return self.release_by_walk(i),
             },
         };
         self.frees.extend(runs);
+        Ok(())
     }
 
     /// The validated on-disk table of bitmap `i`, or None if it cannot be trusted.
@@ -191,7 +194,7 @@ impl<S: WriteAt> Transaction<S> {
         let i = self.position_ok(name, "clear it")?;
         let size = u64::from(self.staged[i].entry.table_size);
         let table = self.allocate_clusters(self.geometry().clusters_for(size * 8))?;
-        self.release_content(i);
+        self.release_content(i)?;
         let s = &mut self.staged[i];
         s.entry.table_offset = table;
         s.pending = Some(Pending {

@@ -17,6 +17,8 @@ pub struct Staged {
     pub state: BitmapState,
     /// New content planned in this transaction, if any.
     pub pending: Option<Pending>,
+    /// Its index in the on-disk directory (None for a bitmap added in this transaction).
+    pub disk_index: Option<usize>,
 }
 
 /// A new table (and possibly new data clusters) not yet written.
@@ -37,6 +39,7 @@ impl Staged {
             entry: b.entry.clone(),
             state: b.state,
             pending: None,
+            disk_index: Some(b.index),
         }
     }
 

@@ -34,6 +34,8 @@ pub struct Transaction<S: WriteAt> {
     changed: bool,
     /// Repair mode: old clusters are left for the owner walk to free.
     free_by_walk: bool,
+    /// Removals of bitmaps whose tables cannot be trusted (see `release.rs`).
+    pub(super) walk_release: super::release::WalkRelease,
 }
 
 impl<S: WriteAt> Transaction<S> {
@@ -91,6 +93,7 @@ impl<S: WriteAt> Transaction<S> {
             frees: Vec::new(),
             refcounts,
             changed: false,
+            walk_release: Default::default(),
         })
     }
 
