@@ -106,7 +106,15 @@ pub fn plan<S: ReadAt>(image: &Image<S>, policy: InUsePolicy) -> Plan {
         p.rewrite = true;
         return p;
     }
-    if let Some(e) = &view.problem {
+    if let Some(l) = image.bitmaps_length() {
+        let msg = format!(
+            "rewrite the bitmaps extension length field at offset {} ({} -> 24): the extensions after its 24 bytes parse, so only the length is wrong; the extension and directory are judged as usual",
+            l.offset + 4,
+            l.declared
+        );
+        act(&mut p.actions, None, msg);
+        p.rewrite = true;
+    } else if let Some(e) = &view.problem {
         act(
             &mut p.actions,
             None,
@@ -536,6 +544,22 @@ pub fn repair<S: WriteAt>(mut storage: S, policy: InUsePolicy) -> Result<(S, Rep
 /// and bitmaps judged against an absurd virtual size must not be dropped.
 fn refuse_unopenable<S: ReadAt>(image: &Image<S>) -> Result<()> {
     use crate::error::{Error, ErrorKind};
+    use crate::format::extensions::LengthReading;
+    if let Some(l) = image
+        .bitmaps_length()
+        .filter(|l| l.reading == LengthReading::Unparsed)
+    {
+        let msg = format!(
+            "{} is not 24 and the header extension area after the bitmaps extension parses neither after its 24 bytes nor after the declared length: it may hold extensions this tool does not understand, so repair leaves the image untouched",
+            l.declared
+        );
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            "bitmaps extension length",
+            Some(l.offset + 4),
+            msg,
+        ));
+    }
     match crate::read::refcheck::l1_problem(image) {
         Some(why) => {
             let why = why.trim_start_matches("ERROR: ");
