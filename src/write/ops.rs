@@ -157,14 +157,19 @@ impl<S: WriteAt> Transaction<S> {
     }
 
     /// Queues the clusters of bitmap `i`'s current content for freeing.
-    /// Content whose table cannot be trusted is freed only where the owner
-    /// walk proves it (see `release.rs`), never by assumption.
+    /// Content of an invalid entry, or whose table cannot be trusted, is
+    /// freed only where the owner walk proves it (see `release.rs`), never by
+    /// assumption.
     fn release_content(&mut self, i: usize) -> Result<()> {
         let g = self.geometry();
         let s = &self.staged[i];
+        let trusted = || match s.state {
+            BitmapState::Invalid => None,
+            _ => self.on_disk_raw(i),
+        };
         let runs = match &s.pending {
             Some(p) => content_clusters(g, s.entry.table_offset, &p.raw),
-            None => match self.on_disk_raw(i) {
+            None => match trusted() {
                 Some(raw) => content_clusters(g, s.entry.table_offset, &raw),
                 None => return self.release_by_walk(i),
             },
