@@ -7,6 +7,7 @@
 //!   (skipped with a visible message when QEMU is missing, unless
 //!   `QCOW2_BITMAP_REQUIRE_QEMU=1`, which `.ci/run` sets).
 //! - `bounds`: huge-claim images through the binary under `prlimit --as` and a time limit.
+//! - `merge_stream`: a merge into an empty target on a 16 TiB image: few large writes, 3 syncs, RSS.
 //! - `kill`: SIGKILL write commands at random moments on a 16 TiB image
 //!   (`QCOW2_BITMAP_KILL_TRIALS=N` for a long run, `QCOW2_BITMAP_SEED` to replay).
 
@@ -45,6 +46,9 @@ mod bounds;
 
 #[path = "it/kill.rs"]
 mod kill;
+
+#[path = "it/merge_stream.rs"]
+mod merge_stream;
 
 #[path = "it/fuzz_found.rs"]
 mod fuzz_found;

@@ -245,8 +245,9 @@ impl<S: WriteAt> Transaction<S> {
                 let _ = self.refcounts.queue_free(&self.storage, HostCluster(c));
             }
         }
+        // Ends with a sync (apply_decrements syncs after its writes).
         self.refcounts.apply_decrements(&mut self.storage)?;
-        self.sync()
+        Ok(())
     }
 
     pub(super) fn write(&mut self, off: u64, data: &[u8], what: &str) -> Result<()> {

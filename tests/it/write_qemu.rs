@@ -303,6 +303,23 @@ fn a_crash_at_any_write_or_sync_leaves_old_or_new_bitmaps() {
             }),
         ),
         (
+            "add + streamed merge into the new empty bitmap (one run of new clusters)",
+            "several.qcow2",
+            Box::new(|tx| {
+                tx.add("e", Some(65536), true)?;
+                tx.merge_bitmap("e", "a")
+            }),
+        ),
+        (
+            "streamed merges into an empty bitmap on 512 B clusters",
+            "cs512.qcow2",
+            Box::new(|tx| {
+                tx.add("e", Some(512), false)?;
+                tx.merge_bitmap("e", "g512")?;
+                tx.merge_bitmap("e", "g512")
+            }),
+        ),
+        (
             "8 adds + merges (new refcount blocks)",
             "rc64.qcow2",
             Box::new(|tx| {
