@@ -10,9 +10,10 @@
 
 use super::plan::{ClusterData, or_entries};
 use super::transaction::Transaction;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::format::bitmap_table::TableEntry;
 use crate::read::{Image, expected_dimensions};
-use crate::storage::WriteAt;
+use crate::storage::{ReadAt, WriteAt};
 use crate::types::HostCluster;
 
 /// Largest single write of data clusters.
@@ -88,6 +89,12 @@ impl<S: WriteAt> Transaction<S> {
                 for (p, slot) in planned[start..end].iter().zip(buf.chunks_exact_mut(cs)) {
                     let w = match &p.data {
                         ClusterData::Words(w) => w,
+                        // A copy of one data cluster (a merge into an empty
+                        // target): its bytes straight into the buffer.
+                        ClusterData::Or(entries) if copies_one(entries) => {
+                            copy_bits(&self.storage, entries, p.nbits, slot)?;
+                            continue;
+                        }
                         ClusterData::Or(entries) => {
                             or_entries(&image, entries, p.nbits, &mut words, &mut bytes)?;
                             &words
@@ -102,4 +109,34 @@ impl<S: WriteAt> Transaction<S> {
         }
         Ok(())
     }
+}
+
+/// Whether `entries` is one data cluster (its OR is a copy of it).
+fn copies_one(entries: &[TableEntry]) -> bool {
+    matches!(entries, [TableEntry::Data(_)])
+}
+
+/// Copies the first `nbits` bits of the data cluster `entries[0]` names into
+/// the zeroed `slot`, clearing the bits past `nbits` in its last byte (as
+/// [`or_entries`] would).
+fn copy_bits<S: ReadAt>(
+    storage: &S,
+    entries: &[TableEntry],
+    nbits: u64,
+    slot: &mut [u8],
+) -> Result<()> {
+    let [TableEntry::Data(off)] = entries else {
+        return Ok(());
+    };
+    let nbytes = usize::try_from(nbits.div_ceil(8))
+        .unwrap_or(usize::MAX)
+        .min(slot.len());
+    storage
+        .copy_at(*off, &mut slot[..nbytes])
+        .map_err(|e| Error::io("bitmap data cluster", Some(*off), e))?;
+    let tail = (nbits % 8) as u32;
+    if let (Some(last), true) = (slot[..nbytes].last_mut(), tail != 0) {
+        *last &= (1u8 << tail) - 1;
+    }
+    Ok(())
 }

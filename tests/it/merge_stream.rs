@@ -99,3 +99,28 @@ fn merge_into_an_empty_target_streams_in_few_large_writes() {
     assert_eq!(hash("e"), hash("p00"));
     eprintln!("merge into an empty target: {writes} writes, {syncs} syncs, peak RSS {rss_kib} KiB");
 }
+
+/// The copy path of a merge into an empty target keeps only the source's bits: tail bits
+/// stored past the virtual size (tail-bits.qcow2) are not copied, on a byte, a word and a
+/// whole-cluster tail.
+#[test]
+fn merge_into_an_empty_target_drops_the_source_tail_bits() {
+    for src in ["tail-byte", "tail-word", "tail-cluster"] {
+        let store = std::fs::read(fixture("tail-bits.qcow2")).unwrap();
+        let mut tx = Transaction::begin(store).unwrap();
+        tx.add("e", Some(512), true).unwrap();
+        tx.merge_bitmap("e", src).unwrap();
+        let img = Image::open(tx.commit().unwrap()).unwrap();
+        let e = img.find("e").unwrap();
+        assert!(
+            img.lint_bitmaps_of(e).is_empty(),
+            "{src}: {:?}",
+            img.lint_bitmaps_of(e)
+        );
+        let s = img.find(src).unwrap();
+        assert!(
+            img.load(e, false).unwrap() == img.load(s, false).unwrap(),
+            "{src}"
+        );
+    }
+}
