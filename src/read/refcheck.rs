@@ -259,6 +259,11 @@ pub struct RefcountReport {
     pub check_errors: u64,
     /// Set when qemu-img would have stopped the check here ("Check failed").
     pub aborted: Option<String>,
+    /// Set when this walk itself could not count every owner (a bitmap
+    /// directory it cannot walk). Unlike [`RefcountReport::aborted`], a
+    /// malformed bitmap table entry (where QEMU stops) does not set it: the
+    /// walk counts the valid entries after it, so leaks and ownership stay exact.
+    pub incomplete: Option<String>,
     /// Per-cluster mismatches in cluster order.
     pub findings: Vec<Finding>,
     /// Other corruptions and check errors, in walk order.

@@ -52,9 +52,9 @@ impl<S: WriteAt> Transaction<S> {
             Some(r) => r,
             None => refcount_check(&image)?,
         };
-        if report.check_errors > 0 || report.aborted.is_some() {
+        if report.check_errors > 0 || report.incomplete.is_some() {
             let why = report
-                .aborted
+                .incomplete
                 .clone()
                 .unwrap_or_else(|| format!("{} check errors", report.check_errors));
             self.walk_release.notes.push(format!(

@@ -466,7 +466,7 @@ pub fn repair_dry_run<S: ReadAt>(image: &Image<S>, policy: InUsePolicy) -> Resul
         act(&mut report.actions, None, msg);
     }
     let dirty = image.header().incompatible_features & crate::format::incompat::DIRTY != 0;
-    let walk_ok = before.refcounts.check_errors == 0 && before.refcounts.aborted.is_none();
+    let walk_ok = before.refcounts.check_errors == 0 && before.refcounts.incomplete.is_none();
     // With the dirty bit set, the lazy-refcount rebuild fixes them first.
     let rebuilt_first = dirty && walk_ok;
     if !plan_is_empty && !rebuilt_first {

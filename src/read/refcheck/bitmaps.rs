@@ -5,7 +5,9 @@
 //!
 //! - A table entry that is itself malformed (reserved bits, a misaligned
 //!   offset) references nothing; the walk reports it and goes on with the
-//!   next one, so every valid entry after it is still counted.
+//!   next one, so every valid entry after it is still counted (qemu-img check
+//!   stops there: [`super::RefcountReport::aborted`] says so, but the walk is
+//!   not [`super::RefcountReport::incomplete`]).
 //! - An entry whose table_size is impossible for the virtual size and its
 //!   granularity (larger than the table that granularity needs, or than the
 //!   largest table any valid granularity needs when the granularity itself is
@@ -92,6 +94,7 @@ impl<S: ReadAt> Walker<'_, S> {
         if let Some(p) = dir.problem {
             self.corruption(format!("bitmap directory: {p}"));
             self.report.aborted = Some(p.to_string());
+            self.report.incomplete = Some(p.to_string());
         }
         // Entries naming the same table share one walk of it: 65535 entries
         // on one table cost one table read, not 65535.
@@ -123,7 +126,9 @@ impl<S: ReadAt> Walker<'_, S> {
                     "bitmap '{}' table entry {k} (0x{raw:016x}): {why}",
                     e.display_name()
                 );
-                self.corruption(msg);
+                self.corruption(msg.clone());
+                // qemu-img check stops here ("Check failed"); this walk goes on.
+                self.report.aborted = Some(msg);
             }
         }
         Ok(())

@@ -63,6 +63,8 @@ pub(super) fn rebuild_lazy_refcounts<S: WriteAt>(
         let msg = format!("the dirty bit is set and {why}; run `qemu-img check -r all` first");
         Err(Error::new(ErrorKind::Unsupported, "image", Some(72), msg))
     };
+    // Also where qemu-img check stops (a malformed table entry): rebuilding
+    // every refcount is only done from a walk QEMU would complete too.
     if report.check_errors > 0 || report.aborted.is_some() {
         return refuse("the owner walk is incomplete".into());
     }
@@ -201,9 +203,9 @@ pub(super) fn free_leaks<S: WriteAt>(storage: &mut S, actions: &mut Vec<Action>)
         let image = Image::open(&*storage)?;
         (image.header().clone(), refcount_check(&image)?)
     };
-    if report.check_errors > 0 || report.aborted.is_some() {
+    if report.check_errors > 0 || report.incomplete.is_some() {
         let why = report
-            .aborted
+            .incomplete
             .clone()
             .unwrap_or_else(|| format!("{} check errors", report.check_errors));
         act(
