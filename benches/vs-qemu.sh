@@ -22,9 +22,11 @@
 #   --images-only  build the images (img1/img8/img32.qcow2), keep them, time nothing (profiling)
 #
 # merge-empty: `merge IMG e b0` where e is a new empty bitmap (added by qemu-img) and b0 dense:
-# 512 new data clusters (32 MiB). Also timed against the floor of writing the same 32 MiB:
-# `dd if=B0 of=NEW bs=64K conv=fsync` (B0 = b0's serialized data, extracted once, page cache
-# warm), into a new file on the same file system as the image copies.
+# 512 new data clusters (32 MiB). Also timed against the floor of writing the same 32 MiB with
+# `dd if=B0 bs=64K conv=fsync` (B0 = b0's serialized data, extracted once, page cache warm):
+# "dd" writes them where our merge puts them (one run of clusters) in a fresh synced copy of the
+# image, like the runs of the two tools (a sparse copy: the writes fill holes); "dd-new" writes
+# them to a new file.
 # Env: QCOW2_BITMAP=path skips the cargo build; CARGO_TARGET_DIR (default /tmp/target-vsq).
 #
 # Needs qemu-img, qemu-io, qemu-nbd, nbdinfo (Debian libnbd-bin), GNU time (/usr/bin/time),
@@ -204,10 +206,20 @@ is_write() { case $1 in add|remove|disable|enable|clear|merge|merge-empty) retur
 one_run() { # one_run TOOL OP N RUN BASE
     local tool=$1 op=$2 n=$3 run=$4 base=$5 img cmd argv
     if [ "$tool" = dd ]; then
-        # The floor: the same 32 MiB written to a new file with one fsync.
+        # The floor: the same 32 MiB written with one fsync where our merge writes them,
+        # in a fresh synced copy.
+        img=$tmp/run-dd.qcow2
+        rm -f "$img"
+        cp --reflink=auto --sparse=always "$base" "$img"
+        sync "$img"
+        run_timed dd "$op" "$n" "$run" dd if="$tmp/b0.bin" of="$img" bs=64K seek="$dd_seek" conv=notrunc,fsync status=none || true
+        rm -f "$img"
+        return
+    fi
+    if [ "$tool" = dd-new ]; then
         rm -f "$tmp/run-dd.out"
         sync
-        run_timed dd "$op" "$n" "$run" dd if="$tmp/b0.bin" of="$tmp/run-dd.out" bs=64K conv=fsync status=none || true
+        run_timed dd-new "$op" "$n" "$run" dd if="$tmp/b0.bin" of="$tmp/run-dd.out" bs=64K conv=fsync status=none || true
         rm -f "$tmp/run-dd.out"
         return
     fi
@@ -227,7 +239,7 @@ one_run() { # one_run TOOL OP N RUN BASE
 measure_op() { # measure_op OP N BASE
     local op=$1 n=$2 base=$3 i spent=0 first second
     local tools=(ours qemu)
-    [ "$op" = merge-empty ] && tools=(ours qemu dd)
+    [ "$op" = merge-empty ] && tools=(ours qemu dd dd-new)
     if [ "$op" = check ] && [ "$have_check" = 0 ]; then
         printf 'check\t%s\tours\t-\t0\t0\tn/a\n' "$n" >>"$results"
         tools=(qemu)
@@ -237,6 +249,16 @@ measure_op() { # measure_op OP N BASE
         return
     fi
     log "$op, $n bitmaps: warm-up"
+    if [ "$op" = merge-empty ]; then
+        # Where our merge puts e's 512 new data clusters (one run): dd's destination.
+        one_run ours "$op" "$n" w "$base"
+        dd_seek=$("$ours" dump --json "$tmp/run-ours.qcow2" --bitmap e | python3 -c '
+import json, sys
+offs = [e["data-offset"] for e in json.load(sys.stdin)["table"]["entries"] if "data-offset" in e]
+assert len(offs) == 512 and all(b - a == 65536 for a, b in zip(offs, offs[1:])), "not one run"
+print(offs[0] // 65536)') || die "merge-empty: e's data clusters are not one run of 512"
+        rm -f "$tmp/run-ours.qcow2"
+    fi
     for t in "${tools[@]}"; do
         one_run "$t" "$op" "$n" w "$base"
         eval "warm_rc_$t=\$last_rc"
