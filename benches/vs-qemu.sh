@@ -261,7 +261,7 @@ print(offs[0] // 65536)') || die "merge-empty: e's data clusters are not one run
     fi
     for t in "${tools[@]}"; do
         one_run "$t" "$op" "$n" w "$base"
-        eval "warm_rc_$t=\$last_rc"
+        eval "warm_rc_${t//-/_}=\$last_rc"
         if is_write "$op" && [ -f "$tmp/run-$t.qcow2" ]; then mv "$tmp/run-$t.qcow2" "$tmp/warm-$t.qcow2"; fi
     done
     if [ "$op" = merge-empty ] && [ "$warm_rc_ours" = 0 ] && [ "$warm_rc_qemu" = 0 ]; then
