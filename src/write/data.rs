@@ -6,7 +6,9 @@
 //! new clusters as one run, so 32 MiB of new bitmap data go out in eight
 //! 4 MiB writes instead of 512 small ones. A cluster planned as the OR of
 //! on-disk operands is computed here, into the write buffer; memory stays at
-//! one buffer whatever the number of clusters.
+//! one buffer whatever the number of clusters. A copy planned unread (a
+//! merge into an empty target) that comes out all zero is dropped here: its
+//! table entry stays "all zeros" and its cluster is given back.
 
 use super::plan::{ClusterData, or_entries};
 use super::transaction::Transaction;
@@ -19,11 +21,14 @@ use crate::types::HostCluster;
 /// Largest single write of data clusters.
 const MAX_WRITE: usize = 4 << 20;
 
-/// One planned data cluster: where, what, and how many bits it holds.
+/// One planned data cluster: where, what, how many bits it holds, and
+/// which entry of which table (in the list of tables to write) names it.
 struct Planned {
     cluster: HostCluster,
     data: ClusterData,
     nbits: u64,
+    table: usize,
+    k: usize,
 }
 
 impl<S: WriteAt> Transaction<S> {
@@ -45,11 +50,20 @@ impl<S: WriteAt> Transaction<S> {
                     cluster,
                     data,
                     nbits: bits_per_cluster.min(nbits - first),
+                    table: tables.len(),
+                    k,
                 });
             }
             tables.push((self.staged[i].entry.table_offset, p.raw));
         }
-        self.write_data_clusters(planned)?;
+        // A copy that turned out all zero: its entry stays "all zeros" and its
+        // cluster (allocated in memory only, never referenced) is given back.
+        for (t, k, c) in self.write_data_clusters(planned)? {
+            if let Some(r) = tables.get_mut(t).and_then(|(_, raw)| raw.get_mut(k)) {
+                *r = 0;
+            }
+            self.refcounts.decrement(&self.storage, c)?;
+        }
         for (off, raw) in tables {
             let mut table = Vec::with_capacity(raw.len() * 8);
             for r in &raw {
@@ -66,7 +80,12 @@ impl<S: WriteAt> Transaction<S> {
 
     /// Writes `planned` in runs of consecutive clusters, each run computed
     /// into one buffer of at most [`MAX_WRITE`] bytes and written at once.
-    fn write_data_clusters(&mut self, mut planned: Vec<Planned>) -> Result<()> {
+    /// Returns the copies that came out all zero: (table, entry, cluster).
+    fn write_data_clusters(
+        &mut self,
+        mut planned: Vec<Planned>,
+    ) -> Result<Vec<(usize, usize, HostCluster)>> {
+        let mut empty = Vec::new();
         let g = self.geometry();
         let cs = g.cluster_len();
         let per_write = (MAX_WRITE / cs).max(1);
@@ -93,6 +112,9 @@ impl<S: WriteAt> Transaction<S> {
                         // target): its bytes straight into the buffer.
                         ClusterData::Or(entries) if copies_one(entries) => {
                             copy_bits(&self.storage, entries, p.nbits, slot)?;
+                            if slot.iter().all(|&b| b == 0) {
+                                empty.push((p.table, p.k, p.cluster));
+                            }
                             continue;
                         }
                         ClusterData::Or(entries) => {
@@ -107,7 +129,7 @@ impl<S: WriteAt> Transaction<S> {
             self.write(off, &buf, "bitmap data clusters")?;
             start = end;
         }
-        Ok(())
+        Ok(empty)
     }
 }
 

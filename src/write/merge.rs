@@ -113,7 +113,8 @@ impl<S: WriteAt> Transaction<S> {
     /// words, same layout) adds bits to, each with what its new data cluster
     /// holds: the OR of the on-disk operands of both sides when
     /// `source_operands` and the target have them (computed when written),
-    /// else the merged words.
+    /// else the merged words. A copy of one source data cluster into an
+    /// all-zero target cluster is listed unread (see `data.rs`).
     fn changed_clusters<R: crate::storage::ReadAt>(
         &self,
         i: usize,
@@ -125,6 +126,19 @@ impl<S: WriteAt> Transaction<S> {
         let (mut t, mut s, mut buf) = (Vec::new(), Vec::new(), Vec::new());
         let mut changed = Vec::new();
         for k in 0..target.raw.len() {
+            // An all-zero target cluster and one on-disk source cluster: the
+            // new cluster is a copy, planned without reading the source here
+            // (the copy is made, and dropped if all zero, when it is written).
+            if let (Some(t_ops), Some(s_ops)) = (target.operands(k), source_operands(k)) {
+                match (&t_ops[..], &s_ops[..]) {
+                    (_, []) => continue,
+                    ([], [TableEntry::Data(_)]) => {
+                        changed.push((k, ClusterData::Or(s_ops)));
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
             source(k, &mut s, &mut buf)?;
             if bits::words::is_all_zero(&s) {
                 continue;

@@ -124,3 +124,39 @@ fn merge_into_an_empty_target_drops_the_source_tail_bits() {
         );
     }
 }
+
+/// A source data cluster that holds no bit (legal, though QEMU never writes one) copied into an
+/// empty target: the copy is planned unread, found all zero when written, and dropped: the
+/// target's entry stays "all zeros" and the cluster allocated for it is given back (no leak).
+#[test]
+fn merge_into_an_empty_target_leaves_all_zero_clusters_unallocated() {
+    use qcow2_bitmap::format::bitmap_table::TableEntry;
+    use qcow2_bitmap::read::Verdict;
+    let mut bytes = std::fs::read(fixture("cs512.qcow2")).unwrap();
+    let (zeroed, k) = {
+        let img = Image::open(bytes.clone()).unwrap();
+        let b = img.find("g512").unwrap();
+        let t = img.table(b).unwrap();
+        let k = t
+            .entries
+            .iter()
+            .position(|e| matches!(e, TableEntry::Data(_)))
+            .expect("a data entry");
+        let TableEntry::Data(off) = t.entries[k] else {
+            unreachable!()
+        };
+        (off as usize, k)
+    };
+    bytes[zeroed..zeroed + 512].fill(0);
+    let before = Image::open(bytes.clone()).unwrap();
+    assert_eq!(before.check().unwrap().verdict(), Verdict::Clean);
+    let mut tx = Transaction::begin(bytes).unwrap();
+    tx.add("e", Some(512), true).unwrap();
+    tx.merge_bitmap("e", "g512").unwrap();
+    let img = Image::open(tx.commit().unwrap()).unwrap();
+    let e = img.find("e").unwrap();
+    assert_eq!(img.raw_table(e).unwrap()[k], 0, "entry {k} of e");
+    assert!(img.load(e, false).unwrap() == img.load(img.find("g512").unwrap(), false).unwrap());
+    let report = img.check().unwrap();
+    assert_eq!(report.verdict(), Verdict::Clean, "{:?}", report.findings);
+}
