@@ -33,6 +33,7 @@ OPS = [
     ("enable", "enable b0 | qemu-img bitmap --enable"),
     ("clear", "clear b0 | qemu-img bitmap --clear"),
     ("merge", "merge b0 b1 | qemu-img bitmap --merge b1"),
+    ("merge-empty", "merge e b0 (e new, empty) | qemu-img bitmap --merge b0 e | dd of 32 MiB"),
     ("check", "check | qemu-img check"),
     ("extents", "extents --json b0 | nbdinfo --json --map (qemu-nbd -B b0)"),
 ]
@@ -115,6 +116,21 @@ def report(results, header, out=None):
             runs = ost if isinstance(ost, int) else (qst if isinstance(qst, int) else "-")
             rows.append([op, str(n), ours, qemu, ratio, fmt_rss(orss), fmt_rss(qrss), str(runs)])
 
+    # Operations timed against a floor (dd writing the same bytes, conv=fsync).
+    floors = []
+    for op, _desc in OPS:
+        for n in counts:
+            om, _, _ = med((op, n, "ours"))
+            qm, _, _ = med((op, n, "qemu"))
+            for floor in ("dd", "dd-new"):
+                dm, _, dst = med((op, n, floor))
+                if dm is None or not om:
+                    continue
+                floors.append(
+                    f"  {op} ({n} bitmaps): ours {fmt_ms(om)} ms, {floor} {fmt_ms(dm)} ms, "
+                    f"ours/{floor} = {om / dm:.2f}"
+                    + (f", qemu/{floor} = {qm / dm:.1f}" if qm else "") + f" ({dst} runs)")
+
     growth = []
     if counts:
         lo, hi = counts[0], counts[-1]
@@ -139,6 +155,11 @@ def report(results, header, out=None):
     text.append("Cost growth of our write commands between "
                 f"{counts[0] if counts else '?'} and {counts[-1] if counts else '?'} bitmaps:")
     text.extend(growth)
+    if floors:
+        text.append("")
+        text.append("Against the floor of writing the same bytes (dd bs=64K conv=fsync, same run;")
+        text.append("dd: where our merge writes them in a fresh copy, dd-new: to a new file):")
+        text.extend(floors)
     print("\n".join(text))
 
     if out:
@@ -156,6 +177,12 @@ def report(results, header, out=None):
         md.append("")
         md.extend(f"- {g.strip()}" for g in growth)
         md.append("")
+        if floors:
+            md.append("Against the floor of writing the same bytes (dd bs=64K conv=fsync, same run; "
+                      "dd: where our merge writes them in a fresh copy, dd-new: to a new file):")
+            md.append("")
+            md.extend(f"- {f.strip()}" for f in floors)
+            md.append("")
         with open(out, "w") as f:
             f.write("\n".join(md))
 

@@ -8,8 +8,11 @@
 # copying is not timed) and prints medians.
 #
 # Usage: benches/vs-qemu.sh [--quick] [--keep] [--out FILE] [--runs N] [--cap SECONDS]
-#                           [--tmpdir DIR]
+#                           [--tmpdir DIR] [--ops "OP..."] [--counts "N..."]
 #   --quick        1 and 8 bitmaps only, median of 3
+#   --ops "OP..."  only these operations (default: info add remove disable enable clear merge
+#                  merge-empty check extents); enable needs disable, which then runs untimed
+#   --counts "N.." only images with these numbers of dense bitmaps (default 1 8 32, --quick 1 8)
 #   --keep         keep the temp dir (images, raw results)
 #   --out FILE     also write the table as Markdown to FILE
 #   --runs N       measured runs per tool and operation (default 5, --quick 3)
@@ -21,6 +24,13 @@
 #                  qemu-img map on a 16 TiB image with 100k data + 20k zero clusters scattered,
 #                  guest reads against cat, compressed reads against qemu-img convert
 #   --guest-read-mib N  MiB of contiguous data for the guest-read case (default 2048)
+#
+# merge-empty: `merge IMG e b0` where e is a new empty bitmap (added by qemu-img) and b0 dense:
+# 512 new data clusters (32 MiB). Also timed against the floor of writing the same 32 MiB with
+# `dd if=B0 bs=64K conv=fsync` (B0 = b0's serialized data, extracted once, page cache warm):
+# "dd" writes them where our merge puts them (one run of clusters) in a fresh synced copy of the
+# image, like the runs of the two tools (a sparse copy: the writes fill holes); "dd-new" writes
+# them to a new file.
 # Env: QCOW2_BITMAP=path skips the cargo build; CARGO_TARGET_DIR (default /tmp/target-vsq).
 #
 # Needs qemu-img, qemu-io, qemu-nbd, nbdinfo (Debian libnbd-bin), GNU time (/usr/bin/time),
@@ -32,7 +42,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
 helper="$here/vs-qemu-report.py"
 
-quick=0 keep=0 images_only=0 out="" runs="" cap=0 tmpbase="${TMPDIR:-/tmp}"
+quick=0 keep=0 images_only=0 out="" runs="" cap=0 tmpbase="${TMPDIR:-/tmp}" only_ops="" only_counts=""
 guest=0 guest_read_mib=2048
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -46,12 +56,21 @@ while [ $# -gt 0 ]; do
         --runs) runs=$2; shift ;;
         --cap) cap=$2; shift ;;
         --tmpdir) tmpbase=$2; shift ;;
+        --ops) only_ops=$2; shift ;;
+        --counts) only_counts=$2; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "vs-qemu: unknown option $1" >&2; exit 1 ;;
     esac
     shift
 done
 if [ "$quick" = 1 ]; then counts=(1 8); runs=${runs:-3}; else counts=(1 8 32); runs=${runs:-5}; fi
+[ -n "$only_counts" ] && read -r -a counts <<<"$only_counts"
+all_ops=(info add remove disable enable clear merge merge-empty check extents)
+ops=("${all_ops[@]}")
+[ -n "$only_ops" ] && read -r -a ops <<<"$only_ops"
+for op in "${ops[@]}"; do
+    [[ " ${all_ops[*]} " == *" $op "* ]] || { echo "vs-qemu: unknown operation $op" >&2; exit 1; }
+done
 [ -n "$out" ] && out=$(realpath -m "$out")
 
 die() { echo "vs-qemu: FATAL: $*" >&2; exit 1; }
@@ -168,6 +187,7 @@ ours_cmd() { # ours_cmd OP IMG
         enable) echo "$ours enable $2 b0" ;;
         clear) echo "$ours clear $2 b0" ;;
         merge) echo "$ours merge $2 b0 b1" ;;
+        merge-empty) echo "$ours merge $2 e b0" ;;
         check) echo "$ours check $2" ;;
         extents) echo "$ours extents --json $2 b0" ;;
     esac
@@ -181,16 +201,35 @@ qemu_cmd() {
         enable) echo "qemu-img bitmap --enable $2 b0" ;;
         clear) echo "qemu-img bitmap --clear $2 b0" ;;
         merge) echo "qemu-img bitmap --merge b1 $2 b0" ;;
+        merge-empty) echo "qemu-img bitmap --merge b0 $2 e" ;;
         check) echo "qemu-img check $2" ;;
         extents) echo "nbdinfo --json --map=qemu:dirty-bitmap:b0 -- [ qemu-nbd -r -f qcow2 -B b0 $2 ]" ;;
     esac
 }
-is_write() { case $1 in add|remove|disable|enable|clear|merge) return 0 ;; esac; return 1; }
+is_write() { case $1 in add|remove|disable|enable|clear|merge|merge-empty) return 0 ;; esac; return 1; }
 
 # One run of one tool. For write commands the image is a fresh synced copy of $base.
 # Leaves the result image in $tmp/run-TOOL.qcow2 when KEEP_RESULT=1.
 one_run() { # one_run TOOL OP N RUN BASE
     local tool=$1 op=$2 n=$3 run=$4 base=$5 img cmd argv
+    if [ "$tool" = dd ]; then
+        # The floor: the same 32 MiB written with one fsync where our merge writes them,
+        # in a fresh synced copy.
+        img=$tmp/run-dd.qcow2
+        rm -f "$img"
+        cp --reflink=auto --sparse=always "$base" "$img"
+        sync "$img"
+        run_timed dd "$op" "$n" "$run" dd if="$tmp/b0.bin" of="$img" bs=64K seek="$dd_seek" conv=notrunc,fsync status=none || true
+        rm -f "$img"
+        return
+    fi
+    if [ "$tool" = dd-new ]; then
+        rm -f "$tmp/run-dd.out"
+        sync
+        run_timed dd-new "$op" "$n" "$run" dd if="$tmp/b0.bin" of="$tmp/run-dd.out" bs=64K conv=fsync status=none || true
+        rm -f "$tmp/run-dd.out"
+        return
+    fi
     if is_write "$op"; then
         img=$tmp/run-$tool.qcow2
         rm -f "$img"
@@ -207,6 +246,7 @@ one_run() { # one_run TOOL OP N RUN BASE
 measure_op() { # measure_op OP N BASE
     local op=$1 n=$2 base=$3 i spent=0 first second
     local tools=(ours qemu)
+    [ "$op" = merge-empty ] && tools=(ours qemu dd dd-new)
     if [ "$op" = check ] && [ "$have_check" = 0 ]; then
         printf 'check\t%s\tours\t-\t0\t0\tn/a\n' "$n" >>"$results"
         tools=(qemu)
@@ -216,11 +256,31 @@ measure_op() { # measure_op OP N BASE
         return
     fi
     log "$op, $n bitmaps: warm-up"
+    if [ "$op" = merge-empty ]; then
+        # Where our merge puts e's 512 new data clusters (one run): dd's destination.
+        one_run ours "$op" "$n" w "$base"
+        dd_seek=$("$ours" dump --json "$tmp/run-ours.qcow2" --bitmap e | python3 -c '
+import json, sys
+offs = [e["data-offset"] for e in json.load(sys.stdin)["table"]["entries"] if "data-offset" in e]
+assert len(offs) == 512 and all(b - a == 65536 for a, b in zip(offs, offs[1:])), "not one run"
+print(offs[0] // 65536)') || die "merge-empty: e's data clusters are not one run of 512"
+        rm -f "$tmp/run-ours.qcow2"
+    fi
     for t in "${tools[@]}"; do
         one_run "$t" "$op" "$n" w "$base"
-        eval "warm_rc_$t=\$last_rc"
+        eval "warm_rc_${t//-/_}=\$last_rc"
         if is_write "$op" && [ -f "$tmp/run-$t.qcow2" ]; then mv "$tmp/run-$t.qcow2" "$tmp/warm-$t.qcow2"; fi
     done
+    if [ "$op" = merge-empty ] && [ "$warm_rc_ours" = 0 ] && [ "$warm_rc_qemu" = 0 ]; then
+        qemu-img check "$tmp/warm-ours.qcow2" >"$tmp/check.out" 2>&1 \
+            || { cat "$tmp/check.out" >&2; die "qemu-img check failed (exit $?) after: $(ours_cmd merge-empty IMG)"; }
+        local e1 e2 s1
+        e1=$("$ours" hash "$tmp/warm-ours.qcow2" e) || die "hash after our merge failed"
+        e2=$("$ours" hash "$tmp/warm-qemu.qcow2" e) || die "hash after qemu merge failed"
+        s1=$("$ours" hash "$tmp/warm-ours.qcow2" b0) || die "hash of b0 failed"
+        [ "$e1" = "$e2" ] && [ "$e1" = "$s1" ] || die "merged e differs: ours $e1, qemu $e2, b0 $s1"
+        log "merge-empty validated: qemu-img check exit 0, e equals b0 and QEMU's e ($e1)"
+    fi
     if [ "$op" = merge ] && [ "$warm_rc_ours" = 0 ] && [ "$warm_rc_qemu" = 0 ]; then
         # Cheap correctness gate: our merged image passes qemu-img check, and b0 equals QEMU's.
         qemu-img check "$tmp/warm-ours.qcow2" >"$tmp/check.out" 2>&1 \
@@ -237,12 +297,15 @@ measure_op() { # measure_op OP N BASE
     fi
     rm -f "$tmp"/warm-*.qcow2
     for ((i = 1; i <= runs; i++)); do
-        if ((i % 2)); then first=${tools[0]}; second=${tools[-1]}; else first=${tools[-1]}; second=${tools[0]}; fi
-        one_run "$first" "$op" "$n" "$i" "$base"
-        local a=$last_ms
-        if [ "$second" != "$first" ]; then one_run "$second" "$op" "$n" "$i" "$base"; else last_ms=0; fi
-        spent=$(python3 -c "print($spent + $a + $last_ms)")
-        log "$op, $n bitmaps, run $i: $first ${a} ms, $second ${last_ms} ms"
+        # Alternate the order: forwards on odd runs, backwards on even ones.
+        local order=("${tools[@]}") t msg=""
+        if ! ((i % 2)); then order=(); for ((t = ${#tools[@]} - 1; t >= 0; t--)); do order+=("${tools[t]}"); done; fi
+        for t in "${order[@]}"; do
+            one_run "$t" "$op" "$n" "$i" "$base"
+            spent=$(python3 -c "print($spent + $last_ms)")
+            msg="$msg, $t ${last_ms} ms"
+        done
+        log "$op, $n bitmaps, run $i${msg}"
         if [ "$cap" != 0 ] && python3 -c "import sys; sys.exit(0 if $spent >= $cap * 1000 else 1)"; then
             [ "$i" -lt "$runs" ] && log "$op, $n bitmaps: cap of ${cap}s reached after $i runs"
             break
@@ -424,15 +487,36 @@ for n in "${counts[@]}"; do
     [ "$du" -lt $((4 * 1024 * 1024)) ] || die "image $img takes more than 4 GiB"
     "$ours" info "$img" | head -12 >&2 || true
     [ "$images_only" = 1 ] && continue
-    for op in info add remove disable enable clear merge check extents; do
+    for op in "${ops[@]}"; do
         b=$img
         if [ "$op" = enable ]; then
-            [ -f "$tmp/base-disabled.qcow2" ] || die "no disabled-b0 image for enable"
+            if [ ! -f "$tmp/base-disabled.qcow2" ]; then
+                cp --sparse=always "$img" "$tmp/base-disabled.qcow2"
+                qbm "$tmp/base-disabled.qcow2" b0 --disable
+            fi
             b=$tmp/base-disabled.qcow2
         fi
+        if [ "$op" = merge-empty ]; then
+            # e: a new empty bitmap, added by QEMU; b0.bin: b0's 32 MiB for the dd floor.
+            b=$tmp/base-empty.qcow2
+            cp --sparse=always "$img" "$b"
+            qbm "$b" e --add -g 64K
+            sync "$b"
+            "$ours" dump --json "$b" --bitmap b0 | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+with open(sys.argv[1], "rb") as img, open(sys.argv[2], "wb") as out:
+    for e in d["table"]["entries"]:
+        img.seek(e["data-offset"])
+        out.write(img.read(65536))
+' "$b" "$tmp/b0.bin"
+            [ "$(stat -c %s "$tmp/b0.bin")" = $((32 << 20)) ] || die "b0 does not have 512 data clusters"
+            cat "$tmp/b0.bin" >/dev/null
+        fi
         measure_op "$op" "$n" "$b"
+        rm -f "$tmp/base-empty.qcow2"
     done
-    rm -f "$img" "$tmp/base-disabled.qcow2"
+    rm -f "$img" "$tmp/base-disabled.qcow2" "$tmp/b0.bin"
 done
 wall=$(( ($(now_ns) - start) / 1000000000 ))
 if [ "$images_only" = 1 ]; then echo "$tmp"; exit 0; fi

@@ -178,16 +178,77 @@ impl ReadAt for RwFile {
         self.file.read_exact_at(scratch, offset)?;
         Ok(scratch)
     }
+    /// Copies only what the file system reports as data: holes (which a
+    /// sparse copy of an image makes of every zero block of a bitmap's
+    /// clusters) read as zeros without filling the page cache with zeroed
+    /// pages. SEEK_DATA may report a hole as data, never data as a hole, and
+    /// where it is not supported everything is read.
     fn copy_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
-        if offset
-            .checked_add(buf.len() as u64)
-            .is_none_or(|end| end > self.len)
-        {
+        let end = offset.checked_add(buf.len() as u64);
+        let Some(end) = end.filter(|&end| end <= self.len) else {
             return Err(eof(offset, buf.len(), self.len));
+        };
+        let mut pos = offset;
+        while pos < end {
+            let at = |o: u64| (o - offset) as usize;
+            let Some(data) = seek(&self.file, pos, Whence::Data) else {
+                return self.file.read_exact_at(&mut buf[at(pos)..], pos);
+            };
+            let data = data.clamp(pos, end);
+            buf[at(pos)..at(data)].fill(0);
+            if data == end {
+                break;
+            }
+            let hole = seek(&self.file, data, Whence::Hole).map_or(end, |h| h.clamp(data, end));
+            // A hole right at `data` would contradict SEEK_DATA: read the rest.
+            let hole = if hole == data { end } else { hole };
+            self.file
+                .read_exact_at(&mut buf[at(data)..at(hole)], data)?;
+            pos = hole;
         }
-        self.file.read_exact_at(buf, offset)
+        Ok(())
     }
+}
+
+/// Which `lseek` search.
+#[derive(Clone, Copy)]
+enum Whence {
+    Data,
+    Hole,
+}
+
+/// `lseek(SEEK_DATA | SEEK_HOLE)` from `pos`: the next data (or hole)
+/// offset, the file length when there is no data after `pos` (ENXIO), or
+/// None when the search is not available (then everything counts as data).
+/// Moves the descriptor's file position, which positional I/O ignores.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+#[allow(unsafe_code)]
+fn seek(file: &File, pos: u64, whence: Whence) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let how = match whence {
+        Whence::Data => libc::SEEK_DATA,
+        Whence::Hole => libc::SEEK_HOLE,
+    };
+    let off = libc::off_t::try_from(pos).ok()?;
+    // SAFETY: lseek takes plain integers and touches no memory of ours; the
+    // descriptor is valid for the call because `file` is borrowed.
+    let ret = unsafe { libc::lseek(file.as_raw_fd(), off, how) };
+    if ret >= 0 {
+        return u64::try_from(ret).ok();
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        // No data at or after `pos`: the rest is a hole.
+        Some(libc::ENXIO) if matches!(whence, Whence::Data) => {
+            file.metadata().ok().map(|m| m.len())
+        }
+        _ => None,
+    }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+fn seek(_: &File, _: u64, _: Whence) -> Option<u64> {
+    None
 }
 
 impl WriteAt for RwFile {
@@ -269,6 +330,37 @@ impl ReadAt for MappedFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn rw_file_copies_holes_as_zeros_and_data_as_written() {
+        let tmp = tempfile::tempfile().unwrap();
+        let mut f = RwFile::new(tmp).unwrap();
+        // Data at 0..4K, 68K..72K (unaligned start 70000) and the last byte of 1 MiB.
+        f.write_at(0, &[0xaa; 4096]).unwrap();
+        f.write_at(70_000, &[0xbb; 100]).unwrap();
+        f.write_at((1 << 20) - 1, &[0xcc]).unwrap();
+        let mut whole = vec![0u8; 1 << 20];
+        f.file().read_exact_at(&mut whole, 0).unwrap();
+        for (off, len) in [
+            (0u64, 1usize << 20),
+            (1, 4096),
+            (4096, 65536),
+            (65536, 65536),
+            (69_999, 102),
+            ((1 << 20) - 4096, 4096),
+            (200_000, 0),
+        ] {
+            let mut buf = vec![0x55u8; len];
+            f.copy_at(off, &mut buf).unwrap();
+            assert!(
+                buf == whole[off as usize..off as usize + len],
+                "{off} {len}"
+            );
+        }
+        let mut past = [0u8; 2];
+        assert!(f.copy_at((1 << 20) - 1, &mut past).is_err());
+    }
 
     #[test]
     fn memory_writes_grow() {

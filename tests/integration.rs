@@ -13,6 +13,7 @@
 //!   patched QEMU-made images: every refusal is one line naming the structure,
 //!   index and offset; positive controls against `qemu-img` (QEMU needed).
 //! - `bounds`: huge-claim images through the binary under `prlimit --as` and a time limit.
+//! - `merge_stream`: a merge into an empty target on a 16 TiB image: few large writes, 3 syncs, RSS.
 //! - `kill`: SIGKILL write commands at random moments on a 16 TiB image
 //!   (`QCOW2_BITMAP_KILL_TRIALS=N` for a long run, `QCOW2_BITMAP_SEED` to replay);
 //!   `kill_backup`: the same for `backup` (with and without `--next`), `restore`, `apply`.
@@ -57,6 +58,9 @@ mod bounds;
 
 #[path = "it/kill.rs"]
 mod kill;
+
+#[path = "it/merge_stream.rs"]
+mod merge_stream;
 
 #[path = "it/fuzz_found.rs"]
 mod fuzz_found;

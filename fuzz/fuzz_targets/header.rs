@@ -50,21 +50,27 @@ fuzz_target!(|data: &[u8]| {
     };
     // Round trip: the re-encoded area decodes to the same extensions (with
     // zero padding now) and an end marker right after them.
-    let mut p = Put::new();
-    extensions::encode_area(&area.extensions, &mut p);
-    let encoded = p.into_vec();
-    let total: usize = area.extensions.iter().map(Extension::encoded_len).sum();
-    assert_eq!(encoded.len(), total + 8, "encoded area length");
-    let back = extensions::decode_area(&encoded, start).expect("re-decoding an encoded area");
-    assert_eq!(back.extensions.len(), area.extensions.len());
-    assert_eq!(back.end_marker, Some(start + total as u64));
-    let mut at = start;
-    for (a, b) in area.extensions.iter().zip(&back.extensions) {
-        assert_eq!((a.kind, &a.data), (b.kind, &b.data), "extension round trip");
-        assert_eq!(b.offset, at);
-        assert!(b.padding_is_zero);
-        at += a.encoded_len() as u64;
-        let _ = a.kind_name();
+    // Not for a bitmaps extension of the wrong length: how
+    // it is read (its 24 bytes, or as declared) depends on the bytes after it,
+    // which re-encoding changes; the writer never re-encodes one as found
+    // (repair rewrites the length or drops the extension).
+    if area.bitmaps_length.is_none() {
+        let mut p = Put::new();
+        extensions::encode_area(&area.extensions, &mut p);
+        let encoded = p.into_vec();
+        let total: usize = area.extensions.iter().map(Extension::encoded_len).sum();
+        assert_eq!(encoded.len(), total + 8, "encoded area length");
+        let back = extensions::decode_area(&encoded, start).expect("re-decoding an encoded area");
+        assert_eq!(back.extensions.len(), area.extensions.len());
+        assert_eq!(back.end_marker, Some(start + total as u64));
+        let mut at = start;
+        for (a, b) in area.extensions.iter().zip(&back.extensions) {
+            assert_eq!((a.kind, &a.data), (b.kind, &b.data), "extension round trip");
+            assert_eq!(b.offset, at);
+            assert!(b.padding_is_zero);
+            at += a.encoded_len() as u64;
+            let _ = a.kind_name();
+        }
     }
 
     // The bitmaps extension body, when there is one.

@@ -509,7 +509,11 @@ impl DumpDoc {
             filename: path.display().to_string(),
             file_size: image.storage().len(),
             header: header_fields(image),
-            extensions: image.extensions().iter().map(ext_row).collect(),
+            extensions: image
+                .extensions()
+                .iter()
+                .map(|e| ext_row(e, image.bitmaps_length()))
+                .collect(),
             end_marker_offset: image.end_marker(),
             bitmaps_extension: view.extension.map(|(e, at)| {
                 vec![
@@ -558,12 +562,17 @@ fn header_fields<S: ReadAt>(image: &Image<S>) -> Vec<Field> {
     f
 }
 
-fn ext_row(e: &Extension) -> ExtRow {
+/// One extension as found; a bitmaps extension read as its fixed 24 bytes
+/// shows the length field as it is on disk.
+fn ext_row(e: &Extension, bad: Option<qcow2_bitmap::format::extensions::BitmapsLength>) -> ExtRow {
+    let declared = bad
+        .filter(|l| l.offset == e.offset)
+        .map(|l| l.declared as usize);
     ExtRow {
         offset: e.offset,
         kind: format!("0x{:08x}", e.kind),
         name: e.kind_name(),
-        length: e.data.len(),
+        length: declared.unwrap_or(e.data.len()),
         padding_ok: e.padding_is_zero,
     }
 }

@@ -57,7 +57,12 @@ fn run(
     let ctx = |e: qcow2_bitmap::Error| Failure::Lib(e.context(image.display()));
     let mut tx = write::open_path(image).map_err(ctx)?;
     op(&mut tx).map_err(ctx)?;
+    let notes = tx.notes();
     tx.commit().map_err(ctx)?;
+    // What a removal could not prove (leaked clusters left behind) is said, not hidden.
+    for n in notes {
+        eprintln!("qcow2-bitmap: {}: warning: {n}", image.display());
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -113,7 +113,7 @@ impl<S: ReadAt> Image<S> {
         }
         // When the walk stopped early (as qemu-img check does), clusters it did
         // not reach look leaked: those leaks are not reported.
-        let walk_complete = refcounts.aborted.is_none();
+        let walk_complete = refcounts.incomplete.is_none();
         for f in refcounts
             .findings
             .iter()

@@ -30,7 +30,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::format::bitmaps_ext::BitmapsExt;
 use crate::format::directory::{self, Directory};
 use crate::format::ext_type;
-use crate::format::extensions::{self, Extension};
+use crate::format::extensions::{self, BitmapsLength, Extension, LengthReading};
 use crate::format::header::Header;
 use crate::storage::ReadAt;
 use crate::types::Geometry;
@@ -42,6 +42,7 @@ pub struct Image<S> {
     header: Header,
     extensions: Vec<Extension>,
     end_marker: Option<u64>,
+    bitmaps_length: Option<BitmapsLength>,
     bitmaps: BitmapsView,
 }
 
@@ -79,6 +80,7 @@ impl<S: ReadAt> Image<S> {
             header,
             extensions: area.extensions,
             end_marker: area.end_marker,
+            bitmaps_length: area.bitmaps_length,
             bitmaps: BitmapsView::default(),
         };
         image.bitmaps = image.load_bitmaps_view();
@@ -108,6 +110,12 @@ impl<S: ReadAt> Image<S> {
     /// File offset of the extension area's end marker, if there is one.
     pub fn end_marker(&self) -> Option<u64> {
         self.end_marker
+    }
+
+    /// The bitmaps extension's length field when it is not 24, and how the
+    /// extension area was read past it (see [`extensions::decode_area`]).
+    pub fn bitmaps_length(&self) -> Option<BitmapsLength> {
+        self.bitmaps_length
     }
 
     /// The underlying storage.
@@ -163,6 +171,15 @@ impl<S: ReadAt> Image<S> {
             return BitmapsView::default();
         };
         let data_offset = ext.offset + 8;
+        // (A wrong length on a later duplicate is covered by "appears N times".)
+        let length = self.bitmaps_length.filter(|l| l.offset == ext.offset);
+        let length_problem = length.map(length_problem);
+        if length.is_some_and(|l| l.reading != LengthReading::Fixed) {
+            return BitmapsView {
+                problem: length_problem,
+                ..Default::default()
+            };
+        }
         let decoded = match BitmapsExt::decode(&ext.data, data_offset) {
             Ok(d) => d,
             Err(e) => {
@@ -174,10 +191,11 @@ impl<S: ReadAt> Image<S> {
         };
         let mut view = BitmapsView {
             extension: Some((decoded, data_offset)),
+            problem: length_problem,
             ..Default::default()
         };
         if let Err(e) = decoded.validate(self.geometry(), data_offset) {
-            view.problem = Some(e);
+            view.problem = view.problem.take().or(Some(e));
             // A wrong count or reserved field does not stop the walk: the
             // entries are still listed so that nothing readable is lost.
             if !self.directory_walkable(&decoded) {
@@ -217,6 +235,23 @@ impl<S: ReadAt> Image<S> {
             .map_err(|e| Error::io("bitmap directory", Some(ext.directory_offset), e))?;
         Ok(directory::walk(bytes, ext.directory_offset, ext.nb_bitmaps))
     }
+}
+
+/// The problem of a bitmaps extension whose length field is not 24.
+fn length_problem(l: BitmapsLength) -> Error {
+    let how = match l.reading {
+        LengthReading::Fixed => {
+            "the extension has a fixed size and the extensions after its 24 bytes parse, so only the length field is wrong"
+        }
+        LengthReading::Declared => {
+            "the extensions after its 24 bytes do not parse, only those after the declared length do: the extension cannot be read"
+        }
+        LengthReading::Unparsed => {
+            "neither the 24 bytes the extension must hold nor the declared length leaves an extension chain that parses: the rest of the extension area cannot be read"
+        }
+    };
+    let msg = format!("{} is not 24 ({how})", l.declared);
+    Error::corrupt("bitmaps extension length", l.offset + 4, msg)
 }
 
 fn read_header<S: ReadAt>(storage: &S) -> Result<Header> {

@@ -26,13 +26,15 @@
 //! allocate or loop without bound.
 //! This module never writes.
 
+mod bitmaps;
+
+pub use bitmaps::bitmap_claims;
+
 use std::collections::{BTreeMap, HashMap};
 
 use super::Image;
 use crate::error::{Error, Result};
-use crate::format::bitmap_table::{self, TableEntry};
-use crate::format::bitmaps_ext::BitmapsExt;
-use crate::format::directory;
+use crate::format::bitmap_table;
 use crate::format::ext_type;
 use crate::format::incompat;
 use crate::format::l2::{self, L2Kind, SnapshotHeader};
@@ -257,6 +259,11 @@ pub struct RefcountReport {
     pub check_errors: u64,
     /// Set when qemu-img would have stopped the check here ("Check failed").
     pub aborted: Option<String>,
+    /// Set when this walk itself could not count every owner (a bitmap
+    /// directory it cannot walk). Unlike [`RefcountReport::aborted`], a
+    /// malformed bitmap table entry (where QEMU stops) does not set it: the
+    /// walk counts the valid entries after it, so leaks and ownership stay exact.
+    pub incomplete: Option<String>,
     /// Per-cluster mismatches in cluster order.
     pub findings: Vec<Finding>,
     /// Other corruptions and check errors, in walk order.
@@ -296,8 +303,8 @@ impl RefcountReport {
 /// reported in the [`RefcountReport`].
 pub fn refcount_check<S: ReadAt>(image: &Image<S>) -> Result<RefcountReport> {
     let mut w = Walker::new(image)?;
-    w.walk()?;
     let stored = Stored::load(image)?;
+    w.walk(&stored)?;
     w.check_refblocks(&stored);
     w.compare(&stored)?;
     w.check_copied(&stored)?;
@@ -421,13 +428,6 @@ fn read_into_clipped<S: ReadAt>(storage: &S, off: u64, buf: &mut [u8]) -> Result
         .copy_at(off, &mut buf[..n])
         .map_err(|e| Error::io("refcount check read", Some(off), e))?;
     Ok(n)
-}
-
-/// What one bitmap table references: `(data cluster offset, times)` in
-/// offset order, and its first invalid entry `(index, raw, why)`.
-struct TableRefs {
-    data: Vec<(u64, u64)>,
-    invalid: Option<(usize, u64, String)>,
 }
 
 struct Walker<'a, S> {
@@ -559,7 +559,7 @@ impl<'a, S: ReadAt> Walker<'a, S> {
         }
     }
 
-    fn walk(&mut self) -> Result<()> {
+    fn walk(&mut self, stored: &Stored<'_, S>) -> Result<()> {
         let h = self.image.header().clone();
         self.inc(0, self.g.cluster_size(), Owner::Header);
         self.check_l1_size();
@@ -570,7 +570,7 @@ impl<'a, S: ReadAt> Walker<'a, S> {
         if h.crypt_method == 2 {
             self.walk_crypto();
         }
-        self.walk_bitmaps()
+        self.walk_bitmaps(stored)
     }
 
     fn check_l1_size(&mut self) {
@@ -824,87 +824,6 @@ impl<'a, S: ReadAt> Walker<'a, S> {
             let length = u64::from_be_bytes(data[8..16].try_into().unwrap_or([0; 8]));
             self.inc(offset, length, Owner::Crypto);
         }
-    }
-
-    fn walk_bitmaps(&mut self) -> Result<()> {
-        if !self.image.bitmaps_consistent() {
-            return Ok(());
-        }
-        let Some(ext) = self
-            .image
-            .extensions()
-            .iter()
-            .find(|e| e.kind == ext_type::BITMAPS)
-        else {
-            return Ok(());
-        };
-        let Ok(bx) = BitmapsExt::decode(&ext.data, ext.offset + 8) else {
-            return Ok(());
-        };
-        if bx.nb_bitmaps == 0 {
-            return Ok(());
-        }
-        let dir_offset = bx.directory_offset;
-        self.inc(dir_offset, bx.directory_size, Owner::BitmapDirectory);
-        let len = bx
-            .directory_size
-            .min(crate::format::limits::MAX_DIRECTORY_SIZE);
-        let bytes = read_clipped(self.image.storage(), dir_offset, len)?;
-        let dir = directory::walk(&bytes, dir_offset, bx.nb_bitmaps);
-        if let Some(p) = dir.problem {
-            self.corruption(format!("bitmap directory: {p}"));
-            self.report.aborted = Some(p.to_string());
-        }
-        // Entries naming the same table share one walk of it: 65535 entries
-        // on one table cost one table read, not 65535.
-        let mut walked: HashMap<(u64, u32), TableRefs> = HashMap::new();
-        for (i, e) in dir.entries.iter().enumerate() {
-            self.report.bitmap_names.push(e.name_lossy());
-            let bitmap = i as u32;
-            let table_len = u64::from(e.table_size) * 8;
-            self.inc(e.table_offset, table_len, Owner::BitmapTable { bitmap });
-            let key = (e.table_offset, e.table_size);
-            if let std::collections::hash_map::Entry::Vacant(slot) = walked.entry(key) {
-                slot.insert(self.table_refs(e.table_offset, table_len)?);
-            }
-            let Some(refs) = walked.get(&key) else {
-                continue;
-            };
-            for &(off, n) in &refs.data {
-                self.inc_n(off, self.g.cluster_size(), Owner::BitmapData { bitmap }, n);
-            }
-            if let Some((k, raw, why)) = &refs.invalid {
-                let msg = format!(
-                    "bitmap '{}' table entry {k} (0x{raw:016x}): {why}",
-                    e.display_name()
-                );
-                self.corruption(msg.clone());
-                self.report.aborted = Some(msg);
-            }
-        }
-        Ok(())
-    }
-
-    /// The data clusters a bitmap table references (with multiplicity, up
-    /// to its first invalid entry) and that entry.
-    fn table_refs(&self, offset: u64, len: u64) -> Result<TableRefs> {
-        let table = read_clipped(self.image.storage(), offset, len)?;
-        let mut counts: BTreeMap<u64, u64> = BTreeMap::new();
-        let mut invalid = None;
-        for (k, raw) in bitmap_table::raw_entries(&table).enumerate() {
-            match TableEntry::decode(raw, self.g) {
-                TableEntry::Data(off) => *counts.entry(off).or_insert(0) += 1,
-                TableEntry::Invalid(why) => {
-                    invalid = Some((k, raw, why.to_string()));
-                    break;
-                }
-                TableEntry::Zeros | TableEntry::Ones => {}
-            }
-        }
-        Ok(TableRefs {
-            data: counts.into_iter().collect(),
-            invalid,
-        })
     }
 
     fn check_refblocks(&mut self, stored: &Stored<'_, S>) {

@@ -27,14 +27,18 @@
 //! header extensions are never written. Tests inject a crash at every write
 //! and sync and check each outcome with QEMU.
 
+mod data;
 mod header;
+mod merge;
 mod open;
 mod ops;
 mod plan;
 pub mod refcounts;
+mod release;
 pub mod repair;
 mod transaction;
 
+pub use merge::MergeSource;
 pub use open::{open_path, open_rw};
-pub use ops::{MergeSource, default_granularity, granularity_bits};
+pub use ops::{default_granularity, granularity_bits};
 pub use transaction::Transaction;

@@ -1,26 +1,15 @@
 //! The bitmap operations of a [`Transaction`]: add, remove, clear, enable,
-//! disable and merge. Each validates first and plans; nothing is written here.
+//! disable (merges: `merge.rs`). Each validates first and plans; nothing is
+//! written here.
 
-use super::plan::{Pending, Staged, cluster_bytes, content_clusters};
+use super::plan::{Pending, Staged, StagedView, content_clusters};
 use super::transaction::Transaction;
 use crate::bits::{self, Bitmap};
-use crate::error::{Error, ErrorKind, Result};
-use crate::format::bitmap_table::TableEntry;
+use crate::error::{Error, Result};
 use crate::format::directory::{DirEntry, FLAG_AUTO};
 use crate::format::limits;
-use crate::read::{BitmapEntry, BitmapState, Image, Table, expected_dimensions};
+use crate::read::{BitmapState, Image, expected_dimensions};
 use crate::storage::WriteAt;
-
-/// A bitmap to merge from: its bits and granularity (log2).
-#[derive(Debug)]
-pub struct MergeSource<'a> {
-    /// The source bits (`ceil(virtual_size / granularity)` of them).
-    pub bits: &'a Bitmap,
-    /// log2 of the source granularity.
-    pub granularity_bits: u32,
-    /// The source image's virtual size (must equal the target's).
-    pub virtual_size: u64,
-}
 
 /// QEMU's default granularity: the cluster size clamped to 4 KiB..64 KiB.
 pub fn default_granularity(cluster_size: u64) -> u64 {
@@ -98,6 +87,7 @@ impl<S: WriteAt> Transaction<S> {
             entry,
             state: BitmapState::Ok,
             pending: Some(pending),
+            disk_index: None,
         });
         self.mark_changed();
         Ok(())
@@ -127,7 +117,7 @@ impl<S: WriteAt> Transaction<S> {
         Ok(table_size)
     }
 
-    fn allocate_clusters(&mut self, count: u64) -> Result<u64> {
+    pub(super) fn allocate_clusters(&mut self, count: u64) -> Result<u64> {
         let first = self.refcounts.allocate(&self.storage, count)?;
         self.geometry()
             .offset_of(first)
@@ -148,7 +138,7 @@ impl<S: WriteAt> Transaction<S> {
         }
         for n in names {
             let i = self.position(n)?;
-            self.release_content(i);
+            self.release_content(i)?;
             self.staged.remove(i);
         }
         self.mark_changed();
@@ -156,18 +146,25 @@ impl<S: WriteAt> Transaction<S> {
     }
 
     /// Queues the clusters of bitmap `i`'s current content for freeing.
-    /// Content whose table cannot be trusted is leaked, never freed.
-    fn release_content(&mut self, i: usize) {
+    /// Content of an invalid entry, or whose table cannot be trusted, is
+    /// freed only where the owner walk proves it (see `release.rs`), never by
+    /// assumption.
+    fn release_content(&mut self, i: usize) -> Result<()> {
         let g = self.geometry();
         let s = &self.staged[i];
+        let trusted = || match s.state {
+            BitmapState::Invalid => None,
+            _ => self.on_disk_raw(i),
+        };
         let runs = match &s.pending {
             Some(p) => content_clusters(g, s.entry.table_offset, &p.raw),
-            None => match self.on_disk_raw(i) {
+            None => match trusted() {
                 Some(raw) => content_clusters(g, s.entry.table_offset, &raw),
-                None => return,
+                None => return self.release_by_walk(i),
             },
         };
         self.frees.extend(runs);
+        Ok(())
     }
 
     /// The validated on-disk table of bitmap `i`, or None if it cannot be trusted.
@@ -191,7 +188,7 @@ impl<S: WriteAt> Transaction<S> {
         let i = self.position_ok(name, "clear it")?;
         let size = u64::from(self.staged[i].entry.table_size);
         let table = self.allocate_clusters(self.geometry().clusters_for(size * 8))?;
-        self.release_content(i);
+        self.release_content(i)?;
         let s = &mut self.staged[i];
         s.entry.table_offset = table;
         s.pending = Some(Pending {
@@ -235,7 +232,7 @@ impl<S: WriteAt> Transaction<S> {
     }
 
     /// Bitmap `i` as staged so far, readable cluster by cluster.
-    fn view(&self, i: usize) -> Result<StagedView<'_>> {
+    pub(super) fn view(&self, i: usize) -> Result<StagedView<'_>> {
         let s = &self.staged[i];
         let (nbits, _) = expected_dimensions(
             self.virtual_size(),
@@ -264,295 +261,10 @@ impl<S: WriteAt> Transaction<S> {
         ))
     }
 
-    /// Stages `target |= source` for two bitmaps of this image (as staged
-    /// so far). With equal granularities the two are streamed cluster by
-    /// cluster (memory: the target clusters that change); otherwise the
-    /// source is loaded and resampled as in [`Transaction::merge`].
-    ///
-    /// # Errors
-    /// `NotFound`, or `Untrusted` unless both are `ok`.
-    pub fn merge_bitmap(&mut self, target: &str, source: &str) -> Result<()> {
-        let j = self.position_ok(source, "merge from it")?;
-        let i = self.position_ok(target, "merge into it")?;
-        let (tg, sg) = (
-            self.staged[i].entry.granularity_bits,
-            self.staged[j].entry.granularity_bits,
-        );
-        if tg != sg {
-            let bits = self.load_staged(j)?;
-            let src = MergeSource {
-                bits: &bits,
-                granularity_bits: u32::from(sg),
-                virtual_size: self.virtual_size(),
-            };
-            return self.merge(target, &src);
-        }
-        if i == j {
-            return Ok(());
-        }
-        let changed = {
-            let image = Image::open(&self.storage)?;
-            let src = self.view(j)?;
-            self.changed_clusters(i, &image, |k, w, b| src.words(&image, k, w, b))?
-        };
-        self.replace_clusters(i, changed)
-    }
-
-    /// Stages `target |= source` where `source` is a bitmap of another
-    /// image and `table` its validated table (`image.table(source)`, which
-    /// the caller has read to report source problems under its own name),
-    /// streamed cluster by cluster when the granularities are equal.
-    ///
-    /// # Errors
-    /// As [`Transaction::merge_bitmap`]; `Untrusted` unless `source` is
-    /// `ok`; `InvalidInput` when the virtual sizes differ.
-    pub fn merge_from_image<R: crate::storage::ReadAt>(
-        &mut self,
-        target: &str,
-        image: &Image<R>,
-        source: &BitmapEntry,
-        table: &Table,
-    ) -> Result<()> {
-        image.require_ok(source, false)?;
-        let i = self.position_ok(target, "merge into it")?;
-        let same_gran = source.entry.granularity_bits == self.staged[i].entry.granularity_bits;
-        if !same_gran || image.virtual_size() != self.virtual_size() {
-            let bits = image.load(source, false)?;
-            let src = MergeSource {
-                bits: &bits,
-                granularity_bits: u32::from(source.entry.granularity_bits),
-                virtual_size: image.virtual_size(),
-            };
-            return self.merge(target, &src);
-        }
-        let changed = {
-            let own = Image::open(&self.storage)?;
-            self.changed_clusters(i, &own, |k, w, buf| {
-                let (first, end) = table.cluster_bits(k);
-                let entry = table.entries.get(k).copied().unwrap_or(TableEntry::Zeros);
-                image.entry_words(entry, end - first, w, buf)
-            })?
-        };
-        self.replace_clusters(i, changed)
-    }
-
-    /// The target clusters of bitmap `i` that `source` (cluster `k` ->
-    /// words, same layout) adds bits to, with their merged words.
-    fn changed_clusters<R: crate::storage::ReadAt>(
-        &self,
-        i: usize,
-        image: &Image<R>,
-        mut source: impl FnMut(usize, &mut Vec<u64>, &mut Vec<u8>) -> Result<()>,
-    ) -> Result<Vec<(usize, Vec<u64>)>> {
-        let target = self.view(i)?;
-        let (mut t, mut s, mut buf) = (Vec::new(), Vec::new(), Vec::new());
-        let mut changed = Vec::new();
-        for k in 0..target.raw.len() {
-            source(k, &mut s, &mut buf)?;
-            if bits::words::is_all_zero(&s) {
-                continue;
-            }
-            target.words(image, k, &mut t, &mut buf)?;
-            if t.iter().zip(&s).any(|(t, s)| s & !t != 0) {
-                bits::words::or_into(&mut t, &s);
-                changed.push((k, std::mem::take(&mut t)));
-            }
-        }
-        Ok(changed)
-    }
-
-    /// Stages `target |= source`, resampling across granularities. Only the
-    /// target's data clusters that change are rewritten; all-zero clusters
-    /// stay unallocated.
-    ///
-    /// # Errors
-    /// `NotFound`, `Untrusted` unless the target is `ok`, `InvalidInput` when
-    /// the virtual sizes differ.
-    pub fn merge(&mut self, target: &str, source: &MergeSource<'_>) -> Result<()> {
-        let i = self.position_ok(target, "merge into it")?;
-        if source.virtual_size != self.virtual_size() {
-            let msg = format!(
-                "destination size is {}, source size is {}: bitmaps of different sizes cannot be merged",
-                self.virtual_size(),
-                source.virtual_size
-            );
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!("bitmap '{target}'"),
-                None,
-                msg,
-            ));
-        }
-        let mut merged = self.load_staged(i)?;
-        let tgt_bits = u32::from(self.staged[i].entry.granularity_bits);
-        let resampled;
-        let src = if source.granularity_bits == tgt_bits && source.bits.len() == merged.len() {
-            source.bits
-        } else {
-            let len = merged.len();
-            resampled =
-                bits::resample::resample(source.bits, source.granularity_bits, tgt_bits, len);
-            &resampled
-        };
-        // A table cluster changes iff the source brings a bit the target lacks there.
-        let words_per = self.geometry().cluster_len() / 8;
-        let changed: Vec<bool> = merged
-            .words()
-            .chunks(words_per)
-            .zip(src.words().chunks(words_per))
-            .map(|(t, s)| t.iter().zip(s).any(|(t, s)| s & !t != 0))
-            .collect();
-        if !changed.contains(&true) {
-            return Ok(());
-        }
-        merged
-            .or_assign(src)
-            .map_err(|e| Error::invalid_input("merge", e.to_string()))?;
-        self.replace_changed_clusters(i, &changed, merged)
-    }
-
-    /// Plans a new table for bitmap `i` holding `merged`: clusters not marked
-    /// in `changed` keep their entries, changed ones get new data clusters.
-    pub(super) fn replace_changed_clusters(
-        &mut self,
-        i: usize,
-        changed: &[bool],
-        merged: Bitmap,
-    ) -> Result<()> {
-        let words_per = self.geometry().cluster_len() / 8;
-        let clusters = changed
-            .iter()
-            .enumerate()
-            .filter(|&(_, &c)| c)
-            .map(|(k, _)| {
-                let w = merged.words();
-                let first = (k * words_per).min(w.len());
-                let end = first.saturating_add(words_per).min(w.len());
-                (k, w[first..end].to_vec())
-            })
-            .collect();
-        self.replace_clusters(i, clusters)
-    }
-
-    /// Plans a new table for bitmap `i` in which each listed entry `k` gets
-    /// a new data cluster holding its words; the other entries are kept.
-    /// (Memory: the listed clusters; the old content is never copied.)
-    pub(super) fn replace_clusters(
-        &mut self,
-        i: usize,
-        clusters: Vec<(usize, Vec<u64>)>,
-    ) -> Result<()> {
-        if clusters.is_empty() {
-            return Ok(());
-        }
-        let g = self.geometry();
-        let old_raw = self.current_raw(i)?;
-        let mut raw = old_raw.clone();
-        let mut planned = Vec::with_capacity(clusters.len());
-        for (k, words) in clusters {
-            let Some(entry) = raw.get_mut(k) else {
-                continue;
-            };
-            let c = self.refcounts.allocate(&self.storage, 1)?;
-            *entry = TableEntry::Data(g.offset_of(c).map(|o| o.0).unwrap_or(0)).encode();
-            planned.push((k, (c, words)));
-        }
-        let table = self.allocate_clusters(g.clusters_for(raw.len() as u64 * 8))?;
-        // Clusters planned earlier in this transaction and not replaced now
-        // are still written at commit.
-        let mut data = self.staged[i]
-            .pending
-            .take()
-            .map(|p| p.data)
-            .unwrap_or_default();
-        data.extend(planned);
-        // Old table and the data clusters no longer referenced are freed after commit.
-        let s = &self.staged[i];
-        let mut frees = vec![(
-            g.cluster_of(crate::types::HostOffset(s.entry.table_offset)),
-            g.clusters_for(old_raw.len() as u64 * 8),
-        )];
-        for (k, &r) in old_raw.iter().enumerate() {
-            if r != raw[k] {
-                if let TableEntry::Data(off) = TableEntry::decode(r, g) {
-                    frees.push((g.cluster_of(crate::types::HostOffset(off)), 1));
-                }
-            }
-        }
-        self.frees.extend(frees);
-        let s = &mut self.staged[i];
-        s.entry.table_offset = table;
-        s.pending = Some(Pending { raw, data });
-        self.mark_changed();
-        Ok(())
-    }
-
-    fn current_raw(&self, i: usize) -> Result<Vec<u64>> {
+    pub(super) fn current_raw(&self, i: usize) -> Result<Vec<u64>> {
         if let Some(p) = &self.staged[i].pending {
             return Ok(p.raw.clone());
         }
         self.validated_raw(i)
-    }
-
-    /// Writes every planned data cluster and table (called by commit).
-    pub(super) fn write_staged_clusters(&mut self) -> Result<()> {
-        let g = self.geometry();
-        for i in 0..self.staged.len() {
-            let Some(p) = self.staged[i].pending.take() else {
-                continue;
-            };
-            for (c, words) in p.data.values() {
-                let off = g.offset_of(*c).map(|o| o.0).unwrap_or(0);
-                self.write(off, &cluster_bytes(words, g), "bitmap data cluster")?;
-            }
-            let mut table = Vec::new();
-            for r in &p.raw {
-                table.extend_from_slice(&r.to_be_bytes());
-            }
-            table.resize(
-                g.clusters_for(table.len() as u64) as usize * g.cluster_len(),
-                0,
-            );
-            let off = self.staged[i].entry.table_offset;
-            self.write(off, &table, "bitmap table")?;
-        }
-        Ok(())
-    }
-}
-
-/// A staged bitmap read cluster by cluster: planned clusters from memory,
-/// the others as its table says (old data clusters stay intact until after
-/// commit).
-struct StagedView<'a> {
-    raw: Vec<u64>,
-    data: Option<&'a std::collections::BTreeMap<usize, (crate::types::HostCluster, Vec<u64>)>>,
-    nbits: u64,
-    bits_per_cluster: u64,
-    geometry: crate::types::Geometry,
-}
-
-impl StagedView<'_> {
-    /// The words of table entry `k` (its bits only, the tail cleared).
-    fn words<R: crate::storage::ReadAt>(
-        &self,
-        image: &Image<R>,
-        k: usize,
-        words: &mut Vec<u64>,
-        bytes: &mut Vec<u8>,
-    ) -> Result<()> {
-        let first = (k as u64)
-            .saturating_mul(self.bits_per_cluster)
-            .min(self.nbits);
-        let n = self.bits_per_cluster.min(self.nbits - first);
-        if let Some((_, w)) = self.data.and_then(|d| d.get(&k)) {
-            words.clear();
-            words.extend_from_slice(w);
-            words.resize(bits::words_for(n), 0);
-            let total = words.len() as u64 * 64;
-            bits::words::clear_range(words, n..total);
-            return Ok(());
-        }
-        let raw = self.raw.get(k).copied().unwrap_or(0);
-        image.entry_words(TableEntry::decode(raw, self.geometry), n, words, bytes)
     }
 }

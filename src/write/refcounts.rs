@@ -286,8 +286,12 @@ impl Refcounts {
         self.write_blocks(storage)?;
         sync(storage)?;
         if self.location == self.committed {
-            self.write_dirty_entries(storage)?;
-            sync(storage)?;
+            // New blocks are durable before table entries point at them; with
+            // no entry to write there is nothing more to order.
+            if !self.dirty_entries.is_empty() {
+                self.write_dirty_entries(storage)?;
+                sync(storage)?;
+            }
             return Ok(None);
         }
         self.commit_relocation(storage).map(Some)

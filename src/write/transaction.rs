@@ -34,6 +34,8 @@ pub struct Transaction<S: WriteAt> {
     changed: bool,
     /// Repair mode: old clusters are left for the owner walk to free.
     free_by_walk: bool,
+    /// Removals of bitmaps whose tables cannot be trusted (see `release.rs`).
+    pub(super) walk_release: super::release::WalkRelease,
 }
 
 impl<S: WriteAt> Transaction<S> {
@@ -91,6 +93,7 @@ impl<S: WriteAt> Transaction<S> {
             frees: Vec::new(),
             refcounts,
             changed: false,
+            walk_release: Default::default(),
         })
     }
 
@@ -242,8 +245,9 @@ impl<S: WriteAt> Transaction<S> {
                 let _ = self.refcounts.queue_free(&self.storage, HostCluster(c));
             }
         }
+        // Ends with a sync (apply_decrements syncs after its writes).
         self.refcounts.apply_decrements(&mut self.storage)?;
-        self.sync()
+        Ok(())
     }
 
     pub(super) fn write(&mut self, off: u64, data: &[u8], what: &str) -> Result<()> {

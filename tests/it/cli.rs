@@ -480,3 +480,20 @@ fn corrupt_fixture_refusals_name_structure_field_offset_and_value() {
         );
     }
 }
+
+/// `dump` shows a bitmaps extension's length field as it is on disk, also when the
+/// extension is read as its fixed 24 bytes (fixtures/corrupt/ext-len-huge.qcow2).
+#[test]
+fn dump_shows_a_wrong_bitmaps_extension_length_as_found() {
+    let path = fixtures_dir().join("corrupt/ext-len-huge.qcow2");
+    let o = run(&["dump", "--json", path.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let doc: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(doc["extensions"][0]["length"], 0xFFFF_FF00u32);
+    let problem = doc["bitmaps-problem"].as_str().unwrap();
+    assert!(
+        problem.contains("bitmaps extension length at offset 116"),
+        "{problem}"
+    );
+    assert_eq!(doc["directory"].as_array().map(Vec::len), Some(3));
+}

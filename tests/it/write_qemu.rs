@@ -303,6 +303,23 @@ fn a_crash_at_any_write_or_sync_leaves_old_or_new_bitmaps() {
             }),
         ),
         (
+            "add + streamed merge into the new empty bitmap (one run of new clusters)",
+            "several.qcow2",
+            Box::new(|tx| {
+                tx.add("e", Some(65536), true)?;
+                tx.merge_bitmap("e", "a")
+            }),
+        ),
+        (
+            "streamed merges into an empty bitmap on 512 B clusters",
+            "cs512.qcow2",
+            Box::new(|tx| {
+                tx.add("e", Some(512), false)?;
+                tx.merge_bitmap("e", "g512")?;
+                tx.merge_bitmap("e", "g512")
+            }),
+        ),
+        (
             "8 adds + merges (new refcount blocks)",
             "rc64.qcow2",
             Box::new(|tx| {
@@ -408,4 +425,88 @@ fn a_crash_during_repair_leaves_an_openable_image() {
         }
     }
     eprintln!("repair crash images checked: {tried}");
+}
+
+/// Crash injection over the two write sequences issue #11 added: `remove` of an invalid
+/// bitmap (frees decided by the owner walk) and `repair` of a bitmaps extension whose length
+/// field is wrong (the header switch rewrites it). Every outcome opens; the other bitmaps are
+/// unchanged; either the old state (victim listed, or the length still wrong) or the new one,
+/// which `qemu-img check` accepts (exit 0 or 3); no referenced cluster ever loses its refcount.
+#[test]
+fn a_crash_while_removing_an_invalid_bitmap_or_fixing_the_extension_length() {
+    use qcow2_bitmap::read::refcheck::FindingKind;
+    use qcow2_bitmap::write::repair::{InUsePolicy, repair};
+    if !qemu_available(
+        "a_crash_while_removing_an_invalid_bitmap_or_fixing_the_extension_length",
+        &["qemu-img"],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let corrupt = fixtures_dir().join("corrupt");
+    let kept = |bytes: &[u8]| {
+        let img = Image::open(bytes.to_vec()).unwrap();
+        ["healthy", "other"].map(|n| img.load(img.find(n).unwrap(), false).unwrap())
+    };
+    let mut tried = 0;
+    for (fx, remove) in [
+        ("tbl-reserved.qcow2", true),
+        ("dir-table-size-512m.qcow2", true),
+        ("ext-len-huge.qcow2", false),
+    ] {
+        let before = std::fs::read(corrupt.join(fx)).unwrap();
+        let guest = guest_fingerprint(&before);
+        let healthy = kept(&before);
+        let apply = |store: CrashStore| -> qcow2_bitmap::Result<()> {
+            if remove {
+                let mut tx = Transaction::begin(store)?;
+                tx.remove(&["victim"])?;
+                tx.commit().map(|_| ())
+            } else {
+                repair(store, InUsePolicy::Dirty).map(|_| ())
+            }
+        };
+        let clean = CrashStore::new(before.clone(), None);
+        apply(clean.clone()).unwrap();
+        let total = clean.ops();
+        assert!(total >= 4, "{fx}: only {total} operations");
+        for k in 1..=total {
+            let store = CrashStore::new(before.clone(), Some(k));
+            assert!(
+                apply(store.clone()).is_err(),
+                "{fx}: crash at {k} not reported"
+            );
+            for (kind, image) in [("durable", store.durable()), ("live", store.live())] {
+                let what = format!("{fx}: crash at operation {k}/{total} ({kind})");
+                let img = Image::open(image.clone()).unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert_eq!(guest_fingerprint(&image), guest, "{what}: guest data");
+                assert!(kept(&image) == healthy, "{what}: healthy or other changed");
+                let old = if remove {
+                    img.find("victim").is_ok()
+                } else {
+                    img.bitmaps_length().is_some()
+                };
+                let report = img.check().unwrap();
+                assert!(
+                    !report
+                        .refcounts
+                        .findings
+                        .iter()
+                        .any(|f| f.kind == FindingKind::Error),
+                    "{what}: a referenced cluster lost its refcount"
+                );
+                if !old {
+                    let path = dir.path().join("crashed.qcow2");
+                    std::fs::write(&path, &image).unwrap();
+                    let (rc, v) = qemu_check(&path);
+                    assert!(rc == 0 || rc == 3, "{what}: qemu-img check rc {rc}: {v}");
+                    if !remove {
+                        assert_eq!(img.bitmaps().len(), 3, "{what}: bitmaps after the fix");
+                    }
+                }
+                tried += 1;
+            }
+        }
+    }
+    eprintln!("crash images checked (remove of an invalid bitmap, extension length): {tried}");
 }
