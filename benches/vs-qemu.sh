@@ -544,14 +544,15 @@ backup_main() {
     backup_compare "$tmp/src.qcow2" "$tmp/warm-ours.qcow2" "our incremental (over full.qcow2)"
     backup_compare "$tmp/warm-ours.qcow2" "$tmp/warm-qemu.qcow2" "ours against QEMU's incremental"
     local out_ours out_qemu
-    out_ours=$(stat -c %s "$tmp/warm-ours.qcow2"); out_qemu=$(stat -c %s "$tmp/warm-qemu.qcow2")
+    out_ours="$(stat -c %s "$tmp/warm-ours.qcow2") ($(du -B1 "$tmp/warm-ours.qcow2" | cut -f1) allocated)"
+    out_qemu="$(stat -c %s "$tmp/warm-qemu.qcow2") ($(du -B1 "$tmp/warm-qemu.qcow2" | cut -f1) allocated)"
     log "backup: $dirty dirty bytes; output file: ours $out_ours bytes, QEMU's $out_qemu bytes"
     backup_runs backup-disk "$dirty" ours qemu floor
 
     # ---- incremental backup, tmpfs (a copy of the same files)
     if [ -n "$backup_shm" ] && [ -d "$backup_shm" ]; then
         sz=$(( $(du -k "$tmp/src.qcow2" | cut -f1) + $(du -k "$tmp/full.qcow2" | cut -f1) ))
-        need=$(( sz + 3 * (out_ours >> 10) ))
+        need=$(( sz + 3 * (dirty >> 10) * 3 / 2 ))
         avail=$(df -k --output=avail "$backup_shm" | tail -1)
         local mem=$(awk '/MemAvailable/ {print $2}' /proc/meminfo)
         [ "$mem" -lt "$avail" ] && avail=$mem
@@ -585,7 +586,8 @@ backup_main() {
     qemu-img check -q "$tmp/warm-ours.qcow2" || die "our restore fails qemu-img check"
     backup_compare "$tmp/inc2.qcow2" "$tmp/warm-ours.qcow2" "our restore"
     local rout_ours rout_qemu
-    rout_ours=$(stat -c %s "$tmp/warm-ours.qcow2"); rout_qemu=$(stat -c %s "$tmp/warm-qemu-convert.qcow2")
+    rout_ours="$(stat -c %s "$tmp/warm-ours.qcow2") ($(du -B1 "$tmp/warm-ours.qcow2" | cut -f1) allocated)"
+    rout_qemu="$(stat -c %s "$tmp/warm-qemu-convert.qcow2") ($(du -B1 "$tmp/warm-qemu-convert.qcow2" | cut -f1) allocated)"
     backup_runs restore-disk "$rbytes" ours qemu-convert+sync qemu-convert floor
     rm -f "$tmp"/src.qcow2 "$tmp"/full.qcow2* "$tmp"/inc1.qcow2* "$tmp"/inc2.qcow2*
 
