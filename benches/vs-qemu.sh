@@ -24,6 +24,12 @@
 #                  qemu-img map on a 16 TiB image with 100k data + 20k zero clusters scattered,
 #                  guest reads against cat, compressed reads against qemu-img convert
 #   --guest-read-mib N  MiB of contiguous data for the guest-read case (default 2048)
+#   --backup       only the backup cases (see "backups" below): incremental backup against
+#                  QEMU's offline blockdev-backup and a copy+fsync floor, on disk and tmpfs;
+#                  restore of a 3-link chain against qemu-img convert -O qcow2 + sync; 1 TiB
+#                  against 16 TiB with the same dirty set
+#   --backup-dirty-mib N  MiB of dirty data (half contiguous, half 64 KiB scattered; default 2048)
+#   --backup-shm DIR  the tmpfs for the tmpfs cases (default /dev/shm; "" skips them)
 #
 # merge-empty: `merge IMG e b0` where e is a new empty bitmap (added by qemu-img) and b0 dense:
 # 512 new data clusters (32 MiB). Also timed against the floor of writing the same 32 MiB with
@@ -44,6 +50,7 @@ helper="$here/vs-qemu-report.py"
 
 quick=0 keep=0 images_only=0 out="" runs="" cap=0 tmpbase="${TMPDIR:-/tmp}" only_ops="" only_counts=""
 guest=0 guest_read_mib=2048
+backup=0 backup_dirty_mib=2048 backup_shm=/dev/shm
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) quick=1 ;;
@@ -51,6 +58,9 @@ while [ $# -gt 0 ]; do
         --images-only) images_only=1; keep=1 ;;
         --guest) guest=1 ;;
         --guest-read-mib) guest_read_mib=$2; shift ;;
+        --backup) backup=1 ;;
+        --backup-dirty-mib) backup_dirty_mib=$2; shift ;;
+        --backup-shm) backup_shm=$2; shift ;;
         --out) out=$2; shift ;;
         --out=*) out=${1#--out=} ;;
         --runs) runs=$2; shift ;;
@@ -475,6 +485,223 @@ guest_main() {
     [ -n "$out" ] && echo "(written to $out)" >&2
 }
 if [ "$guest" = 1 ]; then guest_main; exit 0; fi
+
+# ---- backups (--backup) ------------------------------------------------------------------
+# Incremental backup: a 16 TiB image (64 KiB clusters) with a base of 8192 scattered data
+# clusters (benches/guest-image.py), a previous full backup of it (ours), then the bitmap b0
+# (our add) and --backup-dirty-mib of dirty data written by qemu-io (half contiguous in 64 MiB
+# writes, half 64 KiB writes at seeded random places over the whole disk), recorded by b0.
+# Ours: backup --bitmap b0 --backing full.qcow2; QEMU: benches/backup-bench.py qemu-backup
+# (qemu-storage-daemon start to exit, read-only source, blockdev-backup sync=bitmap
+# bitmap-mode=never into a target made by qemu-img create -b full.qcow2, untimed); floor: dd of
+# the same number of bytes (the dirty data) into a new file with conv=fsync. On the disk-backed
+# temp dir, then on a tmpfs copy. Restore: the chain inc2 -> inc1 -> full (inc2: b1 after a
+# second round of writes) flattened by our restore against qemu-img convert -O qcow2 followed by
+# sync of the output (and without it), floor dd of the chain's data bytes. Scale: our backup of
+# the same dirty set (all below 1 TiB) on a 1 TiB and a 16 TiB image, on tmpfs. Each output is
+# checked once (qemu-img check, qemu-img compare against the source). Every timed command gets
+# a fresh output and starts after sync -f of its file system (untimed); page cache warm; median
+# of $runs in rotating order; GNU time for peak RSS (the script and qemu-storage-daemon, its
+# child) and CPU.
+bbench="$here/backup-bench.py"
+
+backup_argv() { # backup_argv CASE TOOL: sets bargv
+    local d=$bdir o="$bdir/out-$2.qcow2"
+    case $1/$2 in
+        backup-*/ours) bargv=("$ours" backup --bitmap b0 --backing full.qcow2 "$d/src.qcow2" "$o") ;;
+        backup-*/qemu) bargv=(python3 "$bbench" qemu-backup "$d/src.qcow2" b0 "$o") ;;
+        restore-*/ours) bargv=("$ours" restore "$d/inc2.qcow2" "$o") ;;
+        restore-*/qemu-convert+sync)
+            bargv=(sh -c 'qemu-img convert -O qcow2 "$1" "$2" && sync "$2"' sh "$d/inc2.qcow2" "$o") ;;
+        restore-*/qemu-convert) bargv=(qemu-img convert -O qcow2 "$d/inc2.qcow2" "$o") ;;
+        scale-*/ours-16T) bargv=("$ours" backup --bitmap b0 --backing full16.qcow2 "$d/s16.qcow2" "$o") ;;
+        scale-*/ours-1T) bargv=("$ours" backup --bitmap b0 --backing full1.qcow2 "$d/s1.qcow2" "$o") ;;
+        */floor) bargv=(dd "if=$floor_src" "of=$d/out-floor" bs=8M "count=$floor_bytes" iflag=count_bytes conv=fsync status=none) ;;
+        *) die "backup_argv: $1/$2" ;;
+    esac
+}
+
+backup_prep() { # backup_prep CASE TOOL: a fresh output, then sync of the file system
+    rm -f "$bdir"/out-* "$bdir"/.out-*
+    case $1/$2 in
+        backup-*/qemu) qemu-img create -q -f qcow2 -b full.qcow2 -F qcow2 "$bdir/out-qemu.qcow2" ;;
+    esac
+    sync -f "$bdir"
+}
+
+backup_measure() { # backup_measure CASE TOOL...: one untimed warm-up each, outputs kept as warm-TOOL.*
+    local c=$1 t; shift
+    local tools=("$@")
+    log "$c: warm-up"
+    for t in "${tools[@]}"; do
+        backup_prep "$c" "$t"; backup_argv "$c" "$t"
+        guest_timed "$c" "$t" w 0 "${bargv[@]}" || die "$c: $t failed: $(head -c 300 "$tmp/stderr")"
+        [ -f "$bdir/out-$t.qcow2" ] && mv "$bdir/out-$t.qcow2" "$bdir/warm-$t.qcow2"
+        [ -f "$bdir/out-$t.qcow2.json" ] && mv "$bdir/out-$t.qcow2.json" "$bdir/warm-$t.qcow2.json"
+    done
+    return 0
+}
+
+backup_runs() { # backup_runs CASE FLOOR_BYTES TOOL... (after backup_measure's warm-up)
+    local c=$1 bytes=$2 i k n t line; shift 2
+    local tools=("$@")
+    n=${#tools[@]}
+    rm -f "$bdir"/warm-*
+    for ((i = 1; i <= runs; i++)); do
+        line=""
+        for ((k = 0; k < n; k++)); do
+            t=${tools[$(( (i - 1 + k) % n ))]}
+            backup_prep "$c" "$t"; backup_argv "$c" "$t"
+            guest_timed "$c" "$t" "$i" "$bytes" "${bargv[@]}" || true
+            line="$line $t ${last_ms} ms,"
+        done
+        log "$c, run $i:${line%,}"
+    done
+    rm -f "$bdir"/out-* "$bdir"/.out-*
+}
+
+# qemu-img compare, logged; dies on a difference.
+backup_compare() { # backup_compare A B WHAT
+    local t0=$(now_ns)
+    qemu-img compare -q "$1" "$2" || die "$3: qemu-img compare $1 $2 failed"
+    log "$3: qemu-img compare: identical ($(( ($(now_ns) - t0) / 1000000 )) ms)"
+}
+
+# Sum of the data bytes of a guest view (our map --json, which equals qemu-img map's).
+map_data_bytes() {
+    "$ours" map --json "$1" | python3 -c 'import json,sys; print(sum(e["length"] for e in json.load(sys.stdin) if e["data"]))'
+}
+
+backup_main() {
+    gresults=$tmp/backup.tsv
+    : >"$gresults"
+    local load0 start0 half scatter dirty sz avail need fs_disk fs_shm="-"
+    bshm=""
+    load0=$(cut -d' ' -f1-3 /proc/loadavg)
+    start0=$(now_ns)
+    half=$((backup_dirty_mib / 2)); scatter=$((half * 16))
+    bdir=$tmp
+    fs_disk=$(stat -f -c %T "$tmp")
+    log "backup: temp dir $tmp on $fs_disk; $half MiB contiguous + $scatter scattered 64 KiB writes"
+    [ "$fs_disk" = tmpfs ] && log "WARNING: $tmp is on tmpfs: the 'disk' cases are not disk-backed (use --tmpdir)"
+
+    # ---- the 16 TiB source, its full backup, the bitmap, the dirty writes
+    log "backup: base image (16 TiB, 8192 scattered data clusters) and its full backup"
+    python3 "$gimg" scattered "$tmp/src.qcow2" $((16 << 40)) 8192 0 7 || die "build: guest-image.py failed"
+    "$ours" backup "$tmp/src.qcow2" "$tmp/full.qcow2" || die "build: full backup failed"
+    "$ours" add "$tmp/src.qcow2" b0 || die "build: add b0 failed"
+    log "backup: dirty writes with qemu-io (recorded by b0)"
+    python3 "$bbench" writes 21 $((16 << 40)) $((8 << 40)) "$half" "$scatter" | qio "$tmp/src.qcow2"
+    qemu-img check -q "$tmp/src.qcow2" || die "build: qemu-img check src.qcow2 failed"
+    sync -f "$tmp"
+    "$ours" info "$tmp/src.qcow2" | grep -E '^ *b0 ' >&2 || true
+    cat "$tmp/src.qcow2" "$tmp/full.qcow2" >/dev/null
+
+    # ---- incremental backup, disk
+    floor_src=$tmp/src.qcow2
+    floor_bytes=$((half << 20))   # placeholder for the warm-up; the dirty bytes once known
+    backup_measure backup-disk ours qemu floor
+    dirty=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d["data-bytes"] + d["zero-bytes"])' "$tmp/warm-ours.qcow2.json")
+    floor_bytes=$dirty
+    qemu-img check -q "$tmp/warm-ours.qcow2" || die "our incremental fails qemu-img check"
+    backup_compare "$tmp/src.qcow2" "$tmp/warm-ours.qcow2" "our incremental (over full.qcow2)"
+    backup_compare "$tmp/warm-ours.qcow2" "$tmp/warm-qemu.qcow2" "ours against QEMU's incremental"
+    local out_ours out_qemu
+    out_ours="$(stat -c %s "$tmp/warm-ours.qcow2") ($(du -B1 "$tmp/warm-ours.qcow2" | cut -f1) allocated)"
+    out_qemu="$(stat -c %s "$tmp/warm-qemu.qcow2") ($(du -B1 "$tmp/warm-qemu.qcow2" | cut -f1) allocated)"
+    log "backup: $dirty dirty bytes; output file: ours $out_ours bytes, QEMU's $out_qemu bytes"
+    backup_runs backup-disk "$dirty" ours qemu floor
+
+    # ---- incremental backup, tmpfs (a copy of the same files)
+    if [ -n "$backup_shm" ] && [ -d "$backup_shm" ]; then
+        sz=$(( $(du -k "$tmp/src.qcow2" | cut -f1) + $(du -k "$tmp/full.qcow2" | cut -f1) ))
+        need=$(( sz + 3 * (dirty >> 10) * 3 / 2 ))
+        avail=$(df -k --output=avail "$backup_shm" | tail -1)
+        local mem=$(awk '/MemAvailable/ {print $2}' /proc/meminfo)
+        [ "$mem" -lt "$avail" ] && avail=$mem
+        if [ "$need" -lt $((avail * 7 / 10)) ]; then
+            bshm=$(mktemp -d "$backup_shm/vs-qemu-backup.XXXXXX")
+            trap 'rc=$?; rm -rf "$bshm"; (exit $rc); cleanup' EXIT
+            fs_shm=$(stat -f -c %T "$bshm")
+            cp --sparse=always "$tmp/src.qcow2" "$tmp/full.qcow2" "$tmp/full.qcow2.json" "$bshm/"
+            bdir=$bshm; floor_src=$bshm/src.qcow2
+            backup_measure backup-tmpfs ours qemu floor
+            backup_runs backup-tmpfs "$dirty" ours qemu floor
+            rm -rf "$bshm"; bdir=$tmp; floor_src=$tmp/src.qcow2
+        else
+            log "backup-tmpfs: skipped ($backup_shm: need $((need >> 10)) MiB, $((avail >> 10)) MiB available; use --backup-dirty-mib)"
+        fi
+    fi
+
+    # ---- restore of a 3-link chain: inc2 -> inc1 -> full
+    log "restore: inc1 (b0), then b1 and a second round of writes, inc2 (b1)"
+    "$ours" backup --bitmap b0 --backing full.qcow2 "$tmp/src.qcow2" "$tmp/inc1.qcow2" || die "build: inc1 failed"
+    "$ours" disable "$tmp/src.qcow2" b0 && "$ours" add "$tmp/src.qcow2" b1 || die "build: b1 failed"
+    python3 "$bbench" writes 22 $((16 << 40)) $((12 << 40)) $((half * 3 / 4)) $((scatter / 8)) | qio "$tmp/src.qcow2"
+    "$ours" backup --bitmap b1 --backing inc1.qcow2 "$tmp/src.qcow2" "$tmp/inc2.qcow2" || die "build: inc2 failed"
+    sync -f "$tmp"
+    local rbytes
+    rbytes=$(map_data_bytes "$tmp/inc2.qcow2")
+    log "restore: the chain holds $rbytes bytes of data"
+    cat "$tmp/inc2.qcow2" "$tmp/inc1.qcow2" "$tmp/full.qcow2" "$tmp/src.qcow2" >/dev/null
+    floor_bytes=$rbytes
+    backup_measure restore-disk ours qemu-convert+sync qemu-convert floor
+    qemu-img check -q "$tmp/warm-ours.qcow2" || die "our restore fails qemu-img check"
+    backup_compare "$tmp/inc2.qcow2" "$tmp/warm-ours.qcow2" "our restore"
+    local rout_ours rout_qemu
+    rout_ours="$(stat -c %s "$tmp/warm-ours.qcow2") ($(du -B1 "$tmp/warm-ours.qcow2" | cut -f1) allocated)"
+    rout_qemu="$(stat -c %s "$tmp/warm-qemu-convert.qcow2") ($(du -B1 "$tmp/warm-qemu-convert.qcow2" | cut -f1) allocated)"
+    backup_runs restore-disk "$rbytes" ours qemu-convert+sync qemu-convert floor
+    rm -f "$tmp"/src.qcow2 "$tmp"/full.qcow2* "$tmp"/inc1.qcow2* "$tmp"/inc2.qcow2*
+
+    # ---- 1 TiB against 16 TiB, the same dirty set (all below 1 TiB)
+    local sdir=$tmp
+    if [ -n "$backup_shm" ] && [ -d "$backup_shm" ]; then
+        bshm=$(mktemp -d "$backup_shm/vs-qemu-backup.XXXXXX")
+        trap 'rc=$?; rm -rf "$bshm"; (exit $rc); cleanup' EXIT
+        sdir=$bshm
+    fi
+    local scase="scale-$(stat -f -c %T "$sdir" | sed 's/ext2\/ext3/disk/')"
+    log "$scase: 1 TiB and 16 TiB images, the same $backup_dirty_mib MiB dirty set below 1 TiB"
+    python3 "$bbench" writes 23 $((1 << 40)) $((512 << 30)) "$half" "$scatter" >"$tmp/scale-writes.txt"
+    for s in 1 16; do
+        qemu-img create -q -f qcow2 -o cluster_size=64k "$sdir/s$s.qcow2" "${s}T"
+        "$ours" backup "$sdir/s$s.qcow2" "$sdir/full$s.qcow2" || die "build: full$s failed"
+        "$ours" add "$sdir/s$s.qcow2" b0 || die "build: add b0 (s$s) failed"
+        qio "$sdir/s$s.qcow2" <"$tmp/scale-writes.txt"
+    done
+    bdir=$sdir; floor_src=$sdir/s16.qcow2; floor_bytes=$(( (half << 20) + scatter * 65536 ))
+    backup_measure "$scase" ours-16T ours-1T floor
+    backup_compare "$sdir/s16.qcow2" "$bdir/warm-ours-16T.qcow2" "16 TiB incremental"
+    backup_runs "$scase" "$floor_bytes" ours-16T ours-1T floor
+    rm -f "$sdir"/s1.qcow2 "$sdir"/s16.qcow2 "$sdir"/full*.qcow2*
+    [ -n "$bshm" ] && rm -rf "$bshm"
+
+    {
+        echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+        echo "nproc: $(nproc); CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+        echo "load average at start: $load0; at end: $(cut -d' ' -f1-3 /proc/loadavg); nice: $(nice)"
+        echo "qemu-img: $(qemu-img --version | sed -n 1p)"
+        echo "qcow2-bitmap: $($ours --version 2>/dev/null | sed -n 1p), git $commit"
+        echo "file systems: disk cases in $tmp ($fs_disk), tmpfs cases in ${backup_shm:--} ($fs_shm)"
+        echo "backup: 16 TiB, 64 KiB clusters, base 8192 scattered clusters + full backup; dirty $dirty bytes ($half MiB contiguous + $scatter scattered 64 KiB writes over the whole disk)"
+        echo "backup output files: ours $out_ours bytes, QEMU's $out_qemu bytes (L2 tables included)"
+        echo "restore: chain inc2 -> inc1 -> full holding $rbytes data bytes; output files: ours $rout_ours, qemu-img convert $rout_qemu bytes"
+        echo "scale: the same dirty set below 1 TiB on a 1 TiB and a 16 TiB image"
+        echo "floor: dd bs=8M conv=fsync of the dirty (backup) or data (restore) bytes into a new file"
+        echo "runs: median of $runs (rotating order, warm page cache, sync -f before each command, one untimed warm-up each); time / ours > 1: ours faster"
+        echo "wall time of the backup run: $(( ($(now_ns) - start0) / 1000000000 ))s"
+    } >"$tmp/backup-header.txt"
+    echo
+    python3 "$bbench" report "$gresults" "$tmp/backup-header.txt" ${out:+"$out"}
+    if [ -s "$errors" ]; then
+        echo
+        echo "FAILURES of commands:"
+        cat "$errors"
+    fi
+    [ -n "$out" ] && echo "(written to $out)" >&2
+}
+if [ "$backup" = 1 ]; then backup_main; exit 0; fi
 
 # ---- main --------------------------------------------------------------------------------
 start=$(now_ns)

@@ -6,8 +6,11 @@
 //! Memory: one L2 table, at most two refcount blocks, the L1 table and the
 //! refcount table (a few hundred KiB for 16 TiB); never the data.
 //!
-//! Layout, every cluster written in full (no host holes, so `qemu-img map`
-//! does not depend on the file's sparseness):
+//! Layout, every data cluster written in full (no host holes under guest
+//! data, so `qemu-img map` does not depend on the file's sparseness); L2
+//! tables are written only where they hold entries (their all-zero 4 KiB
+//! blocks are holes, read as zeros), and the file always covers the last
+//! cluster:
 //!
 //! ```text
 //! cluster 0            header, backing-format extension, end marker, backing name
@@ -59,6 +62,10 @@ pub struct BackingName {
 
 /// Refcount width: 16 bits, as `qemu-img create` writes.
 const REFCOUNT_ORDER: u32 = 4;
+
+/// L2 tables are written in blocks of this size (or of the cluster size,
+/// when smaller); all-zero blocks are left as holes.
+const L2_WRITE_BLOCK: usize = 4096;
 
 /// The writer; see the module docs.
 pub struct Qcow2Writer<W: WriteAt> {
@@ -262,12 +269,32 @@ impl<W: WriteAt> Qcow2Writer<W> {
         Ok(((gc % per_l2) * 8) as usize)
     }
 
+    /// Writes the L2 table being filled: only its blocks that hold entries
+    /// (a table of scattered writes is mostly zeros, which a hole reads as),
+    /// and its last block when it is the file's last cluster, so that the
+    /// file covers it.
     fn close_l2(&mut self) -> Result<()> {
         if let Some((_, host, table)) = self.l2.take() {
             let at = host * self.cs;
-            self.out
-                .write_at(at, &table)
-                .map_err(|e| io("L2 table", at, e))?;
+            let blk = L2_WRITE_BLOCK.min(table.len());
+            let zero = |i: usize| table[i..i + blk].iter().all(|&b| b == 0);
+            let last = table.len() - blk;
+            let mut i = 0;
+            while i < table.len() {
+                let tail = i == last && host + 1 == self.next;
+                if zero(i) && !tail {
+                    i += blk;
+                    continue;
+                }
+                let start = i;
+                i += blk;
+                while i < table.len() && !zero(i) {
+                    i += blk;
+                }
+                self.out
+                    .write_at(at + start as u64, &table[start..i])
+                    .map_err(|e| io("L2 table", at + start as u64, e))?;
+            }
         }
         Ok(())
     }
@@ -605,6 +632,64 @@ mod tests {
                 String::from_utf8_lossy(&o.stdout),
                 String::from_utf8_lossy(&o.stderr)
             );
+        }
+    }
+
+    /// One data cluster per L2 table, and a last table that holds only a
+    /// zero entry: the tables are written sparsely, the file still covers
+    /// every cluster, and the image reads back (and passes qemu-img check).
+    #[test]
+    fn scattered_tables_are_sparse_and_covered() {
+        use std::os::unix::fs::MetadataExt;
+        let cs = 1u64 << 16;
+        let per_l2 = cs / 8;
+        let size = 64 * per_l2 * cs; // 64 L2 tables of 512 MiB
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.qcow2");
+        let file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        let plan = Plan {
+            size,
+            cluster_bits: 16,
+            data_clusters: 63,
+            l2_tables: 64,
+        };
+        let mut w = Qcow2Writer::new(RwFile::new(file).unwrap(), plan, None, false).unwrap();
+        let mut want = Vec::new();
+        for t in 0..63 {
+            let gc = t * per_l2 + (t * 97) % per_l2;
+            let bytes = pattern(t, cs as usize, false);
+            w.data(gc, &bytes).unwrap();
+            want.push((gc, bytes));
+        }
+        w.zero(63 * per_l2 + per_l2 - 1).unwrap();
+        let next = w.next;
+        w.finish().unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), next * cs, "the file covers its last cluster");
+        let tables = 64 * cs;
+        assert!(
+            meta.blocks() * 512 < 63 * cs + tables / 4 + (1 << 20),
+            "L2 tables written whole: {} bytes allocated",
+            meta.blocks() * 512
+        );
+        let chain = Chain::open(&path, Access::Read).unwrap();
+        let mut r = chain.reader();
+        let mut got = vec![0u8; cs as usize];
+        for (gc, bytes) in &want {
+            r.read_at(gc * cs, &mut got).unwrap();
+            assert!(got == *bytes, "cluster {gc} differs");
+        }
+        if let Ok(o) = std::process::Command::new("qemu-img")
+            .args(["check", "--output=json"])
+            .arg(&path)
+            .output()
+        {
+            assert!(o.status.success(), "qemu-img check: {o:?}");
         }
     }
 
