@@ -196,9 +196,10 @@ impl ExtentLog {
             let continues = matches!(&self.cur, Some((o, l, d, _)) if *d == data && o + l == at && *l < MAX_EXTENT);
             if !continues {
                 self.close();
-                self.cur = Some((at, 0, data, crc32fast::Hasher::new()));
             }
-            let (_, l, _, h) = self.cur.as_mut().expect("just set");
+            let (_, l, _, h) = self
+                .cur
+                .get_or_insert_with(|| (at, 0, data, crc32fast::Hasher::new()));
             let n = (MAX_EXTENT - *l).min(rest);
             if let Some(b) = bytes {
                 h.update(&b[..n as usize]);

@@ -105,6 +105,11 @@ impl<W: WriteAt> std::fmt::Debug for Qcow2Writer<W> {
     }
 }
 
+/// A broken invariant of the writer itself (never the input's fault).
+fn internal(msg: &str) -> Error {
+    Error::invalid_input("new image", format!("{msg} (a bug)"))
+}
+
 fn io(what: &str, at: u64, e: std::io::Error) -> Error {
     Error::io(format!("new image: {what}"), Some(at), e)
 }
@@ -232,11 +237,11 @@ impl<W: WriteAt> Qcow2Writer<W> {
             low = low.min(p / self.cs);
         }
         let first_open = low / self.per_block;
-        while let Some((&b, _)) = self.open_blocks.first_key_value() {
-            if b >= first_open {
+        while let Some(entry) = self.open_blocks.first_entry() {
+            if *entry.key() >= first_open {
                 break;
             }
-            let (b, buf) = self.open_blocks.pop_first().expect("checked above");
+            let (b, buf) = entry.remove_entry();
             let at = (self.refblock_first + b) * self.cs;
             self.out
                 .write_at(at, &buf)
@@ -301,7 +306,9 @@ impl<W: WriteAt> Qcow2Writer<W> {
 
     fn set_entry(&mut self, gc: u64, entry: u64) -> Result<()> {
         let i = self.l2_for(gc)?;
-        let table = &mut self.l2.as_mut().expect("l2_for made it").2;
+        let Some((_, _, table)) = self.l2.as_mut() else {
+            return Err(internal("no L2 table after allocating one"));
+        };
         table[i..i + 8].copy_from_slice(&entry.to_be_bytes());
         Ok(())
     }
@@ -372,7 +379,9 @@ impl<W: WriteAt> Qcow2Writer<W> {
     fn compressed_cluster(&mut self, gc: u64, chunk: &[u8]) -> Result<()> {
         let cs = self.cs as usize;
         self.l2_for(gc)?;
-        let d = self.deflate.as_mut().expect("compressing");
+        let Some(d) = self.deflate.as_mut() else {
+            return Err(internal("compressing without a compressor"));
+        };
         d.reset();
         self.zbuf.resize(cs, 0);
         let status = d
