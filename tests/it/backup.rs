@@ -20,6 +20,7 @@
 //!   every CRC-32 recomputed from `qemu-img convert -O raw` of the source.
 
 use crate::util::*;
+use crate::util::{ours_in as ours, qemu_io_in as qemu_io, sh_in as sh};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -29,40 +30,6 @@ use std::time::Instant;
 const TOOLS: &[&str] = &["qemu-img", "qemu-io"];
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
-
-/// Runs a tool in `dir` and asserts success (qemu-io reports failures on stdout).
-fn sh(dir: &Path, prog: &str, args: &[&str]) -> Output {
-    let out = Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("{prog}: {e}"));
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && !text.contains("failed") && !text.contains("error"),
-        "{prog} {args:?} failed: {text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn qemu_io(dir: &Path, img: &str, cmds: &[String]) {
-    let mut args: Vec<&str> = vec!["-f", "qcow2"];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(img);
-    sh(dir, "qemu-io", &args);
-}
-
-fn ours(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qcow2-bitmap"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run qcow2-bitmap")
-}
 
 /// Runs our binary and asserts exit 0.
 fn ours_ok(dir: &Path, args: &[&str]) -> Output {

@@ -9,13 +9,13 @@
 //!   `qemu-img convert -O raw`, or of recorded slices for the 16 TiB image;
 //! - `info --json`'s backing and data-file keys against `qemu-img info`.
 
+use crate::util::ours_in as ours;
 use crate::util::*;
 use qcow2_bitmap::guest::{Chain, OpenOptions};
 use qcow2_bitmap::lock::Access;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 
 /// A dense copy of `fixtures/guest` (written with `write`, no holes).
@@ -57,14 +57,6 @@ fn cases() -> Vec<Value> {
 fn record(case: &str, file: &str) -> String {
     let p = guest_dir().join("expected").join(case).join(file);
     std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
-fn ours(cwd: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_qcow2-bitmap"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("run qcow2-bitmap")
 }
 
 struct Case {

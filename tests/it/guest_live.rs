@@ -15,6 +15,7 @@
 //! `QCOW2_BITMAP_GUEST_CASES` sets the count (default 12).
 
 use crate::util::*;
+use crate::util::{ours_in as ours, qemu_io_in as qemu_io, sh_in as sh};
 use qcow2_bitmap::guest::Chain;
 use qcow2_bitmap::lock::Access;
 use std::path::Path;
@@ -24,35 +25,6 @@ use std::time::Instant;
 const TOOLS: &[&str] = &["qemu-img", "qemu-io"];
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
-
-fn sh(dir: &Path, prog: &str, args: &[&str]) -> std::process::Output {
-    let out = Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("{prog}: {e}"));
-    assert!(
-        out.status.success(),
-        "{prog} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // qemu-io reports failed commands on stdout and still exits 0.
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        !text.contains("failed") && !text.contains("error"),
-        "{prog} {args:?}: {text}"
-    );
-    out
-}
-
-fn ours(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_qcow2-bitmap"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run qcow2-bitmap")
-}
 
 /// One layer's shape.
 struct Shape {
@@ -131,16 +103,6 @@ fn random_writes(rng: &mut Rng, s: &Shape, pattern_len: u64) -> Vec<String> {
     cmds
 }
 
-fn qemu_io(dir: &Path, img: &str, fmt: &str, cmds: &[String]) {
-    let mut args: Vec<&str> = vec!["-f", fmt];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(img);
-    sh(dir, "qemu-io", &args);
-}
-
 /// Builds a random chain in `dir`; returns the top's file name and a description.
 fn random_chain(rng: &mut Rng, dir: &Path) -> (String, String) {
     let layers = rng.range(1, 4);
@@ -194,7 +156,7 @@ fn random_chain(rng: &mut Rng, dir: &Path) -> (String, String) {
         args.push(&size);
         sh(dir, "qemu-img", &args);
         let cmds = random_writes(rng, &s, pattern_len);
-        qemu_io(dir, &name, "qcow2", &cmds);
+        qemu_io(dir, &name, &cmds);
         desc.push(format!(
             "qcow2 cs={} size={} ext={} zstd={} df={:?} {cmds:?}",
             s.cluster, s.size, s.extended, s.zstd, s.data_file
@@ -313,12 +275,7 @@ fn guest_relative_backing_names_resolve_like_qemu() {
         "qemu-img",
         &["create", "-q", "-f", "qcow2", "chain/base.qcow2", "2M"],
     );
-    qemu_io(
-        d,
-        "chain/base.qcow2",
-        "qcow2",
-        &["write -P 0x11 0 128k".into()],
-    );
+    qemu_io(d, "chain/base.qcow2", &["write -P 0x11 0 128k".into()]);
     sh(
         d,
         "qemu-img",
@@ -335,12 +292,7 @@ fn guest_relative_backing_names_resolve_like_qemu() {
             "2M",
         ],
     );
-    qemu_io(
-        d,
-        "chain/mid.qcow2",
-        "qcow2",
-        &["write -P 0x22 64k 64k".into()],
-    );
+    qemu_io(d, "chain/mid.qcow2", &["write -P 0x22 64k 64k".into()]);
     sh(
         d,
         "qemu-img",
@@ -357,12 +309,7 @@ fn guest_relative_backing_names_resolve_like_qemu() {
             "3M",
         ],
     );
-    qemu_io(
-        d,
-        "chain/sub/top.qcow2",
-        "qcow2",
-        &["write -P 0x33 1m 64k".into()],
-    );
+    qemu_io(d, "chain/sub/top.qcow2", &["write -P 0x33 1m 64k".into()]);
     // From the chain's directories and from elsewhere: names print as QEMU composes them.
     let n = compare_with_qemu(d, "chain/sub/top.qcow2", "relative chain from above");
     assert!(n >= 4);

@@ -477,3 +477,40 @@ pub fn tool(cmd: &str, args: &[&str]) -> String {
     );
     o
 }
+
+/// Runs a tool in `dir` and asserts success (qemu-io reports failed
+/// commands on stdout and still exits 0).
+pub fn sh_in(dir: &Path, prog: &str, args: &[&str]) -> Output {
+    let out = Command::new(prog)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{prog}: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("failed") && !text.contains("error"),
+        "{prog} {args:?} failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// One qemu-io read-write session on `img` in `dir` running `cmds`.
+pub fn qemu_io_in(dir: &Path, img: &str, cmds: &[String]) {
+    let mut args: Vec<&str> = vec!["-f", "qcow2"];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(img);
+    sh_in(dir, "qemu-io", &args);
+}
+
+/// Runs the built binary in `dir`.
+pub fn ours_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qcow2-bitmap"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run qcow2-bitmap")
+}
