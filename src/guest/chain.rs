@@ -233,18 +233,22 @@ fn probe(storage: &MappedFile) -> Format {
 fn open_qcow2(path: PathBuf, storage: MappedFile, opts: &OpenOptions) -> Result<Member> {
     // Copied, not borrowed from the mapping: a chain of a thousand members
     // would otherwise keep a thousand mapped header clusters resident.
-    let mut small = vec![0u8; storage.len().min(4096) as usize];
-    storage
-        .copy_at(0, &mut small)
-        .map_err(|e| Error::io("qcow2 header", Some(0), e))?;
-    let header = Header::decode(&small)?;
-    let mut head = vec![0u8; storage.len().min(header.geometry().cluster_size()) as usize];
-    storage
-        .copy_at(0, &mut head)
-        .map_err(|e| Error::io("qcow2 header", Some(0), e))?;
-    let head = &head[..];
+    let read = |buf: &mut Vec<u8>, from: usize| {
+        storage
+            .copy_at(from as u64, &mut buf[from..])
+            .map_err(|e| Error::io("qcow2 header", Some(from as u64), e))
+    };
+    let mut cluster0 = vec![0u8; storage.len().min(4096) as usize];
+    read(&mut cluster0, 0)?;
+    let header = Header::decode(&cluster0)?;
+    // The rest of cluster 0 (extensions, backing name), when it is larger.
     let cs = header.geometry().cluster_size();
-    let cluster0 = &head[..head.len().min(cs as usize)];
+    let have = cluster0.len();
+    cluster0.resize(storage.len().min(cs) as usize, 0);
+    if cluster0.len() > have {
+        read(&mut cluster0, have)?;
+    }
+    let cluster0 = &cluster0[..];
     let start = header.extensions_start() as usize;
     let end = (header.extensions_end() as usize).min(cluster0.len());
     let area = extensions::decode_area(cluster0.get(start..end).unwrap_or(&[]), start as u64)?;
