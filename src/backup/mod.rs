@@ -192,70 +192,26 @@ pub fn backup(
         None => None,
         Some(name) => Some(backing_ref(output, name, size)?),
     };
-    let cluster = match opts.format {
-        OutputFormat::Qcow2 => Some(source_cluster),
-        OutputFormat::Raw => None,
-    };
-    let mode = Mode::Everything;
     // Ranges nothing in the source allocates read as zeros: a full backup
     // lists them as zero extents (so `apply` onto a used disk is exact) but
     // leaves them unallocated in a qcow2 output without a backing file; an
     // incremental, or an output over a backing file, masks them.
     let mask_holes = bitmap_ref.is_some() || backing.is_some();
     let mut reader = chain.reader();
-    // Pass 1: what will be written (for the qcow2 layout and the progress bar).
-    let mut plan = sinks::Tally::new(cluster.unwrap_or(65536));
-    units::walk(
-        &mut reader,
-        dirty.iter().map(|&r| Ok(r)),
-        cluster,
-        mode,
-        |_, u| {
-            plan.add(u);
-            Ok(())
-        },
-    )?;
-    let (tmp, file) = atomic::create_temp(output)?;
-    let mut guard = atomic::TempGuard::new(tmp.clone());
-    let mut sink = match opts.format {
-        OutputFormat::Qcow2 => Sink::qcow2(
-            file,
-            writer::Plan {
-                size,
-                cluster_bits: source_cluster.trailing_zeros(),
-                data_clusters: plan.data_clusters,
-                l2_tables: plan.l2_tables,
-            },
-            backing.as_ref().map(|b| writer::BackingName {
-                name: b.filename.clone(),
-                format: "qcow2".into(),
-            }),
-            opts.compress,
-        )?,
-        OutputFormat::Raw => Sink::raw(file, size)?,
+    let spec = OutputSpec {
+        path: output,
+        format: opts.format,
+        cluster_size: source_cluster,
+        backing: backing.as_ref().map(|b| writer::BackingName {
+            name: b.filename.clone(),
+            format: "qcow2".into(),
+        }),
+        compress: opts.compress,
+        mode: Mode::Everything,
+        mask_holes,
     };
-    let mut log = ExtentLog::new();
-    let total = plan.bytes;
-    let mut done = 0u64;
-    let mut progress = progress;
-    let mut buf = Vec::new();
-    units::walk(
-        &mut reader,
-        dirty.iter().map(|&r| Ok(r)),
-        cluster,
-        mode,
-        |reader, u| {
-            copy_unit(reader, u, size, &mut buf, &mut sink, &mut log, mask_holes)?;
-            done += u.len;
-            if let Some(p) = progress.as_mut() {
-                p(done.min(total), total);
-            }
-            Ok(())
-        },
-    )?;
-    let file = sink.finish()?;
-    atomic::commit(file, &tmp, output)?;
-    guard.disarm();
+    let log = write_output(&mut reader, &dirty, spec, progress)?;
+    let cluster = (opts.format == OutputFormat::Qcow2).then_some(source_cluster);
     let (extents, data_bytes, zero_bytes) = log.finish();
     let doc = Manifest {
         format: manifest::FORMAT.into(),
@@ -427,6 +383,78 @@ fn not_read_from(output: &Path, chain: &Chain, what: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What [`write_output`] writes.
+struct OutputSpec<'a> {
+    path: &'a Path,
+    format: OutputFormat,
+    /// The qcow2 output's cluster size (units are rounded to it).
+    cluster_size: u64,
+    backing: Option<writer::BackingName>,
+    compress: bool,
+    mode: Mode,
+    mask_holes: bool,
+}
+
+/// Writes the units of `ranges` into a new file at `spec.path`, atomically
+/// (temporary name, sync, rename): a planning pass (for the qcow2 layout and
+/// the progress total), then the copy. Returns the extents written.
+fn write_output(
+    reader: &mut Reader<'_>,
+    ranges: &[(u64, u64)],
+    spec: OutputSpec<'_>,
+    progress: Option<Progress<'_>>,
+) -> Result<ExtentLog> {
+    let size = reader.chain().virtual_size();
+    let cs = spec.cluster_size;
+    let cluster = (spec.format == OutputFormat::Qcow2).then_some(cs);
+    let units_of = || ranges.iter().map(|&r| Ok(r));
+    let mut plan = sinks::Tally::new(cs);
+    units::walk(reader, units_of(), cluster, spec.mode, |_, u| {
+        plan.add(u);
+        Ok(())
+    })?;
+    let (tmp, file) = atomic::create_temp(spec.path)?;
+    let mut guard = atomic::TempGuard::new(tmp.clone());
+    let mut sink = match spec.format {
+        OutputFormat::Qcow2 => Sink::qcow2(
+            file,
+            writer::Plan {
+                size,
+                cluster_bits: cs.trailing_zeros(),
+                data_clusters: plan.data_clusters,
+                l2_tables: plan.l2_tables,
+            },
+            spec.backing,
+            spec.compress,
+        )?,
+        OutputFormat::Raw => Sink::raw(file, size)?,
+    };
+    let mut log = ExtentLog::new();
+    let (total, mut done) = (plan.bytes, 0u64);
+    let mut progress = progress;
+    let mut buf = Vec::new();
+    units::walk(reader, units_of(), cluster, spec.mode, |reader, u| {
+        copy_unit(
+            reader,
+            u,
+            size,
+            &mut buf,
+            &mut sink,
+            &mut log,
+            spec.mask_holes,
+        )?;
+        done += u.len;
+        if let Some(p) = progress.as_mut() {
+            p(done.min(total), total);
+        }
+        Ok(())
+    })?;
+    let file = sink.finish()?;
+    atomic::commit(file, &tmp, spec.path)?;
+    guard.disarm();
+    Ok(log)
 }
 
 /// Bytes read per chunk of a data unit.

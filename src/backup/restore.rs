@@ -3,10 +3,9 @@
 //! found beside a chain member is checked first; the output is atomic
 //! (temporary name, sync, rename).
 
-use super::sinks::{Sink, Tally};
-use super::units::{self, Mode};
+use super::units::Mode;
 use super::verify::check_chain;
-use super::{OutputFormat, Progress, atomic, writer};
+use super::{OutputFormat, Progress};
 use crate::error::{Error, ErrorKind, Result};
 use crate::guest::Chain;
 use crate::lock::Access;
@@ -58,55 +57,16 @@ pub fn restore(
         }
     }
     let size = chain.virtual_size();
-    let cs = chain.members()[0].cluster_size().unwrap_or(65536);
-    let cluster = match format {
-        OutputFormat::Qcow2 => Some(cs),
-        OutputFormat::Raw => None,
+    let spec = super::OutputSpec {
+        path: output,
+        format,
+        cluster_size: chain.members()[0].cluster_size().unwrap_or(65536),
+        backing: None,
+        compress: false,
+        mode: Mode::DataOnly,
+        mask_holes: false,
     };
-    let mut reader = chain.reader();
-    let whole = || std::iter::once(Ok((0, size)));
-    let mut tally = Tally::new(cs);
-    units::walk(&mut reader, whole(), cluster, Mode::DataOnly, |_, u| {
-        tally.add(u);
-        Ok(())
-    })?;
-    let (tmp, file) = atomic::create_temp(output)?;
-    let mut guard = atomic::TempGuard::new(tmp.clone());
-    let mut sink = match format {
-        OutputFormat::Qcow2 => Sink::qcow2(
-            file,
-            writer::Plan {
-                size,
-                cluster_bits: cs.trailing_zeros(),
-                data_clusters: tally.data_clusters,
-                l2_tables: tally.l2_tables,
-            },
-            None,
-            false,
-        )?,
-        OutputFormat::Raw => Sink::raw(file, size)?,
-    };
-    let mut log = super::sinks::ExtentLog::new();
-    let mut buf = Vec::new();
-    let mut done = 0;
-    let mut progress = progress;
-    units::walk(
-        &mut reader,
-        whole(),
-        cluster,
-        Mode::DataOnly,
-        |reader, u| {
-            super::copy_unit(reader, u, size, &mut buf, &mut sink, &mut log, false)?;
-            done += u.len;
-            if let Some(p) = progress.as_mut() {
-                p(done.min(tally.bytes), tally.bytes);
-            }
-            Ok(())
-        },
-    )?;
-    let file = sink.finish()?;
-    atomic::commit(file, &tmp, output)?;
-    guard.disarm();
+    let log = super::write_output(&mut chain.reader(), &[(0, size)], spec, progress)?;
     let (_, data_bytes, _) = log.finish();
     Ok(Restored {
         data_bytes,
