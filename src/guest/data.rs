@@ -20,6 +20,13 @@ struct Job<'b> {
     out: &'b mut [u8],
 }
 
+/// The cores this process may use, asked once (on Linux the answer reads
+/// cgroup files: not something to do on every read).
+fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// Fewest compressed clusters in one read worth spreading over threads.
 const PARALLEL_MIN_JOBS: usize = 4;
 
@@ -73,7 +80,7 @@ impl Reader<'_> {
         if jobs.is_empty() {
             return Ok(());
         }
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = cores();
         if jobs.len() >= PARALLEL_MIN_JOBS && threads > 1 {
             // The reader's own buffer is used as scratch: forget what it held.
             self.cached = None;
