@@ -53,13 +53,9 @@ pub fn apply(backup: &Path, target: &Path, progress: Option<Progress<'_>>) -> Re
         true,
         chain.virtual_size(),
         Some(opts),
+        false,
     );
-    let real: Vec<&String> = report
-        .problems
-        .iter()
-        .filter(|p| !p.contains("backing file"))
-        .collect();
-    if let Some(p) = real.first() {
+    if let Some(p) = report.problems.first() {
         return Err(Error::new(
             ErrorKind::Corrupt,
             format!("{shown}: backup"),

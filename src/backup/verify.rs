@@ -62,7 +62,7 @@ pub fn verify(backup: &Path, source: Option<&Path>) -> Result<VerifyReport> {
             });
         }
     };
-    let members = check_chain(&chain);
+    let members = check_chain(&chain, true);
     let mut ok = members.iter().all(|m| m.problems.is_empty());
     let source_equal = match source {
         None => None,
@@ -90,8 +90,10 @@ pub fn verify(backup: &Path, source: Option<&Path>) -> Result<VerifyReport> {
     })
 }
 
-/// Checks every member of `chain` (the top must have a manifest).
-pub fn check_chain(chain: &Chain) -> Vec<MemberReport> {
+/// Checks every member of `chain`; `require_top`: the top must have a
+/// manifest (`verify`; `restore` flattens any chain, checking the manifests
+/// it finds).
+pub fn check_chain(chain: &Chain, require_top: bool) -> Vec<MemberReport> {
     let top_size = chain.virtual_size();
     chain
         .members()
@@ -99,20 +101,22 @@ pub fn check_chain(chain: &Chain) -> Vec<MemberReport> {
         .enumerate()
         .map(|(depth, m)| {
             let parent = chain.members().get(depth + 1);
-            check_member(m, parent, depth == 0, top_size, None)
+            check_member(m, parent, require_top && depth == 0, top_size, None, true)
         })
         .collect()
 }
 
 /// Checks one member: its manifest, parent link, sizes, CRCs and coverage.
 /// `reader_opts`: how to open the member for reading its data (default:
-/// its own chain).
+/// its own chain); `link`: check the parent link too (`apply` reads one
+/// backup alone, whose parent need not be there).
 pub fn check_member(
     m: &Member,
     parent: Option<&Member>,
     required: bool,
     top_size: u64,
     reader_opts: Option<OpenOptions>,
+    link: bool,
 ) -> MemberReport {
     let filename = m.path.display().to_string();
     let mpath = manifest::path_of(&m.path);
@@ -148,7 +152,9 @@ pub fn check_member(
             };
         }
     };
-    link_problems(m, parent, &doc, &mut problems);
+    if link {
+        link_problems(m, parent, &doc, &mut problems);
+    }
     if doc.source.virtual_size != m.virtual_size {
         problems.push(format!(
             "the manifest's virtual size {} differs from the image's {}",
