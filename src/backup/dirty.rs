@@ -4,9 +4,9 @@
 //! write since the checkpoint: store zeros, never skip them).
 
 use super::units::{self, Mode, Unit, What};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::Result;
 use crate::guest::{Chain, Reader};
-use crate::read::{BitmapState, Image};
+use crate::read::Image;
 use crate::storage::ReadAt;
 use std::collections::VecDeque;
 
@@ -53,26 +53,7 @@ impl<'c> DirtyData<'c> {
         name: &str,
         chunk: usize,
     ) -> Result<Self> {
-        let b = image.find(name)?;
-        let st = image.status(b);
-        if st.state != BitmapState::Ok {
-            return Err(Error::new(
-                ErrorKind::Untrusted,
-                format!("bitmap '{name}'"),
-                None,
-                format!("is {}: a full backup is needed", st.state.as_str()),
-            ));
-        }
-        if image.virtual_size() / 512 * 512 != chain.virtual_size() {
-            return Err(Error::invalid_input(
-                format!("bitmap '{name}'"),
-                "its image and the guest view differ in size",
-            ));
-        }
-        let ranges: Vec<(u64, u64)> = image
-            .extents(b, None, false)?
-            .map(|e| e.map(|e| (e.offset, e.length)))
-            .collect::<Result<_>>()?;
+        let (_, ranges) = super::dirty_ranges(image, name, &None, chain.virtual_size())?;
         Ok(DirtyData {
             reader: chain.reader(),
             ranges: ranges.into_iter(),

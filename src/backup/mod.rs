@@ -184,8 +184,12 @@ pub fn backup(
         }
     };
     let (bitmap_ref, dirty) = match (&opts.bitmap, &bitmaps) {
-        (Some(name), Bitmaps::Locked(img)) => dirty_ranges(img, name, &opts.next, &shown, size)?,
-        (Some(name), Bitmaps::Shared(img)) => dirty_ranges(img, name, &opts.next, &shown, size)?,
+        (Some(name), Bitmaps::Locked(img)) => {
+            dirty_ranges(img, name, &opts.next, size).map_err(|e| e.context(&shown))?
+        }
+        (Some(name), Bitmaps::Shared(img)) => {
+            dirty_ranges(img, name, &opts.next, size).map_err(|e| e.context(&shown))?
+        }
         _ => (None, vec![(0, size)]),
     };
     let backing = match &opts.backing {
@@ -276,19 +280,18 @@ type Dirty = (Option<BitmapRef>, Vec<(u64, u64)>);
 
 /// The bitmap's reference and dirty ranges; refuses an untrusted bitmap
 /// (a full backup is needed) and an existing `--next` name.
-fn dirty_ranges<S: ReadAt>(
+pub(crate) fn dirty_ranges<S: ReadAt>(
     img: &Image<S>,
     name: &str,
     next: &Option<(String, Then)>,
-    shown: &str,
     size: u64,
 ) -> Result<Dirty> {
-    let b = img.find(name).map_err(|e| e.context(shown))?;
+    let b = img.find(name)?;
     let st = img.status(b);
     if st.state != BitmapState::Ok {
         return Err(Error::new(
             ErrorKind::Untrusted,
-            format!("{shown}: bitmap '{name}'"),
+            format!("bitmap '{name}'"),
             None,
             format!(
                 "is {} ({}): it cannot be trusted, a full backup is needed",
@@ -301,14 +304,14 @@ fn dirty_ranges<S: ReadAt>(
         && img.find(new).is_ok()
     {
         return Err(invalid(
-            &format!("{shown}: bitmap '{new}'"),
+            &format!("bitmap '{new}'"),
             "already exists (--next needs a new name)",
         ));
     }
     if img.virtual_size() / 512 * 512 != size {
         return Err(invalid(
-            shown,
-            "the bitmap's image and the guest view differ in size",
+            &format!("bitmap '{name}'"),
+            "its image and the guest view differ in size",
         ));
     }
     let ranges = img
