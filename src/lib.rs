@@ -59,6 +59,8 @@
 //!   disable and merge bitmaps, writing only what changes.
 //! - [`backup`]: full and incremental backups (new qcow2 or raw files with a
 //!   manifest), restore, apply and verify.
+//! - [`report`]: the CLI's `--json` documents, built from library results
+//!   (the Python bindings return the same documents as dicts).
 //! - [`bits`]: word-parallel bitmap kernels; knows nothing about qcow2.
 //! - [`storage`]: positional storage ([`storage::ReadAt`]) over memory or a mapped file.
 //! - [`lock`]: QEMU-compatible image locks.
@@ -72,6 +74,7 @@ pub mod format;
 pub mod guest;
 pub mod lock;
 pub mod read;
+pub mod report;
 pub mod storage;
 pub mod types;
 pub mod write;

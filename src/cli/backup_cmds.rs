@@ -5,7 +5,7 @@ use super::Failure;
 use super::args::{BackupArgs, FormatArg, ThenArg};
 use qcow2_bitmap::Error;
 use qcow2_bitmap::backup::{self, BackupOptions, OutputFormat, Then};
-use serde_json::json;
+use qcow2_bitmap::report::{BackupDoc, VerifyDoc};
 use std::io::{self, Write};
 use std::path::Path;
 use std::process::ExitCode;
@@ -92,18 +92,7 @@ pub fn backup(a: &BackupArgs) -> Outcome {
     bar.finish();
     let s = summary?;
     if a.json {
-        let d = &s.doc;
-        let doc = json!({
-            "output": s.output.display().to_string(),
-            "manifest": s.manifest.display().to_string(),
-            "format": d.output.format,
-            "kind": d.kind,
-            "bitmap": d.bitmap.as_ref().map(|b| b.name.clone()),
-            "data-bytes": d.data_bytes,
-            "zero-bytes": d.zero_bytes,
-            "extents": d.extents.len(),
-        });
-        print_json(&doc)?;
+        print_json(&BackupDoc::from(&s))?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -112,7 +101,7 @@ fn usage(msg: &str) -> Outcome {
     Err(Failure::Lib(Error::invalid_input("usage", msg.to_string())))
 }
 
-fn print_json(doc: &serde_json::Value) -> Result<(), Failure> {
+fn print_json(doc: &impl serde::Serialize) -> Result<(), Failure> {
     let mut out = io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, doc).map_err(io::Error::other)?;
     writeln!(out)?;
@@ -145,17 +134,8 @@ pub fn verify(backup: &Path, source: Option<&Path>, json: bool) -> Outcome {
     let r = backup::verify::verify(backup, source)?;
     let mut out = io::stdout().lock();
     if json {
-        let doc = json!({
-            "ok": r.ok,
-            "members": r.members.iter().map(|m| json!({
-                "filename": m.filename,
-                "manifest": m.manifest,
-                "problems": m.problems,
-            })).collect::<Vec<_>>(),
-            "source-equal": r.source_equal,
-        });
         drop(out);
-        print_json(&doc)?;
+        print_json(&VerifyDoc::from(&r))?;
     } else {
         for m in &r.members {
             let mf = if m.manifest {

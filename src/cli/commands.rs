@@ -3,9 +3,10 @@
 
 use super::Failure;
 use super::args::{Cli, Command, ReadOpts};
-use super::output::{self, BitmapRow, InfoDoc};
+use super::output;
 use qcow2_bitmap::lock::Access;
 use qcow2_bitmap::read::{self, Image};
+use qcow2_bitmap::report::InfoDoc;
 use qcow2_bitmap::storage::MappedFile;
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
@@ -105,13 +106,7 @@ fn info(path: &Path, opts: &ReadOpts, json: bool) -> Outcome {
     let image = open(path, opts)?;
     // The JSON document has no density picture: skip that part of the pass.
     let columns = if json { 0 } else { output::DENSITY_COLUMNS };
-    let rows: Vec<BitmapRow> = image
-        .bitmaps()
-        .iter()
-        .zip(image.survey(columns))
-        .map(|(b, survey)| BitmapRow::new(b, survey))
-        .collect();
-    let doc = InfoDoc::new(path, &image, rows);
+    let doc = InfoDoc::gather(path, &image, columns);
     let mut out = stdout();
     if json {
         output::write_json(&mut out, &doc)?;
@@ -154,11 +149,11 @@ fn extents(path: &Path, opts: &ReadOpts, name: &str, o: ExtentsOpts) -> Outcome 
     let (lo, hi) = image.check_range(Some((offset, length)))?;
     let iter = image.extents(b, Some((lo, hi - lo)), o.force)?;
     let mut out = stdout();
-    let mut printer = output::ExtentPrinter::new(o.json, o.all, lo);
+    let mut printer = output::ExtentPrinter::new(o.json, o.all, lo, hi);
     for e in iter {
         printer.dirty(&mut out, e?)?;
     }
-    printer.finish(&mut out, hi)?;
+    printer.finish(&mut out)?;
     out.flush()?;
     Ok(ExitCode::SUCCESS)
 }

@@ -4,47 +4,14 @@ use super::Failure;
 use super::args::{InUseArg, ReadOpts};
 use super::output::write_json;
 use qcow2_bitmap::lock::Access;
-use qcow2_bitmap::read::{self, CheckReport, Finding, Severity};
-use qcow2_bitmap::write::repair::{self, Action, InUsePolicy, RepairReport};
-use serde::Serialize;
+use qcow2_bitmap::read::{self, CheckReport, Severity};
+use qcow2_bitmap::report::{CheckDoc, RepairDoc};
+use qcow2_bitmap::write::repair::{self, InUsePolicy, RepairReport};
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
 use std::process::ExitCode;
 
 type Outcome = Result<ExitCode, Failure>;
-
-/// The `check --json` document (contract: cli.md, Integrity).
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "kebab-case")]
-struct CheckDoc {
-    filename: String,
-    format: &'static str,
-    check_errors: u64,
-    corruptions: usize,
-    leaks: u64,
-    unusable_bitmaps: usize,
-    image_end_offset: u64,
-    problems: Vec<ProblemDoc>,
-}
-
-#[derive(Debug, Serialize)]
-struct ProblemDoc {
-    severity: &'static str,
-    bitmap: Option<String>,
-    offset: Option<u64>,
-    message: String,
-}
-
-impl From<&Finding> for ProblemDoc {
-    fn from(f: &Finding) -> Self {
-        ProblemDoc {
-            severity: f.severity.as_str(),
-            bitmap: f.bitmap.clone(),
-            offset: f.offset,
-            message: f.message.clone(),
-        }
-    }
-}
 
 /// `check`: exit 1 when the image cannot be opened at all (like qemu-img).
 pub fn check(path: &Path, opts: &ReadOpts, json: bool) -> Outcome {
@@ -60,25 +27,15 @@ pub fn check(path: &Path, opts: &ReadOpts, json: bool) -> Outcome {
         .map_err(|e| Failure::Lib(e.context(path.display())))?;
     let mut out = BufWriter::new(io::stdout().lock());
     if json {
-        write_json(&mut out, &check_doc(path, &report))?;
+        write_json(
+            &mut out,
+            &CheckDoc::new(&path.display().to_string(), &report),
+        )?;
     } else {
         write_check(&mut out, &report)?;
     }
     out.flush()?;
     Ok(ExitCode::from(report.verdict().exit_code()))
-}
-
-fn check_doc(path: &Path, r: &CheckReport) -> CheckDoc {
-    CheckDoc {
-        filename: path.display().to_string(),
-        format: "qcow2",
-        check_errors: r.refcounts.check_errors,
-        corruptions: r.count(Severity::Corruption),
-        leaks: r.count(Severity::Leak) as u64,
-        unusable_bitmaps: r.count(Severity::Unusable),
-        image_end_offset: r.refcounts.image_end_offset,
-        problems: r.findings.iter().map(ProblemDoc::from).collect(),
-    }
 }
 
 fn write_check(out: &mut impl Write, r: &CheckReport) -> io::Result<()> {
@@ -118,32 +75,6 @@ fn write_check(out: &mut impl Write, r: &CheckReport) -> io::Result<()> {
     writeln!(out, "Image end offset: {}", r.refcounts.image_end_offset)
 }
 
-/// The `repair --json` document.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "kebab-case")]
-struct RepairDoc {
-    filename: String,
-    dry_run: bool,
-    actions: Vec<ActionDoc>,
-    leaks_freed: u64,
-    clean: bool,
-}
-
-#[derive(Debug, Serialize)]
-struct ActionDoc {
-    bitmap: Option<String>,
-    action: String,
-}
-
-impl From<&Action> for ActionDoc {
-    fn from(a: &Action) -> Self {
-        ActionDoc {
-            bitmap: a.bitmap.clone(),
-            action: a.message.clone(),
-        }
-    }
-}
-
 /// `repair`: exit 0 when the image is clean afterwards (dry run: would be).
 pub fn repair_cmd(path: &Path, json: bool, dry_run: bool, in_use: InUseArg) -> Outcome {
     let policy = match in_use {
@@ -154,14 +85,7 @@ pub fn repair_cmd(path: &Path, json: bool, dry_run: bool, in_use: InUseArg) -> O
         run_repair(path, policy, dry_run).map_err(|e| Failure::Lib(e.context(path.display())))?;
     let mut out = BufWriter::new(io::stdout().lock());
     if json {
-        let actions = report.actions.iter().map(ActionDoc::from).collect();
-        let doc = RepairDoc {
-            filename: path.display().to_string(),
-            dry_run,
-            actions,
-            leaks_freed: report.leaks_freed,
-            clean: report.clean,
-        };
+        let doc = RepairDoc::new(&path.display().to_string(), dry_run, &report);
         write_json(&mut out, &doc)?;
     } else {
         write_repair(&mut out, &report, dry_run)?;

@@ -3,8 +3,8 @@
 
 use qcow2_bitmap::format::bitmap_table::TableEntry;
 use qcow2_bitmap::format::extensions::Extension;
-use qcow2_bitmap::guest::chain;
-use qcow2_bitmap::read::{BitmapEntry, Extent, Image, Survey};
+use qcow2_bitmap::read::{BitmapEntry, Extent, Gaps, Image, Run};
+use qcow2_bitmap::report::{BitmapRow, InfoDoc};
 use qcow2_bitmap::storage::ReadAt;
 use serde::Serialize;
 use std::io::{self, Write};
@@ -18,130 +18,8 @@ pub fn write_json(out: &mut impl Write, doc: &impl Serialize) -> io::Result<()> 
     writeln!(out)
 }
 
-/// The `info --json` document (contract: cli.md).
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct InfoDoc {
-    filename: String,
-    format: &'static str,
-    version: u32,
-    virtual_size: u64,
-    cluster_size: u64,
-    refcount_bits: u32,
-    bitmaps_consistent: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    backing_filename: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    backing_filename_format: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    full_backing_filename: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    data_file: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    data_file_raw: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    bitmaps_problem: Option<String>,
-    bitmaps: Vec<BitmapRow>,
-    #[serde(skip)]
-    features: Vec<String>,
-}
-
-/// One bitmap in `info`.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct BitmapRow {
-    name: String,
-    granularity: u64,
-    flags: Vec<&'static str>,
-    state: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    problem: Option<String>,
-    dirty_bytes: Option<u64>,
-    table_offset: u64,
-    table_size: u32,
-    #[serde(skip)]
-    density: Option<Vec<u64>>,
-}
-
 /// Columns of the human density picture.
 pub const DENSITY_COLUMNS: u64 = 64;
-
-impl BitmapRow {
-    /// One row from a directory entry and its [`Survey`].
-    pub fn new(b: &BitmapEntry, survey: Survey) -> Self {
-        let mut flags = Vec::new();
-        if b.entry.in_use() {
-            flags.push("in-use");
-        }
-        if b.entry.auto() {
-            flags.push("auto");
-        }
-        BitmapRow {
-            name: b.name(),
-            granularity: b.granularity(),
-            flags,
-            state: survey.status.state.as_str(),
-            problem: survey.status.problem,
-            dirty_bytes: survey.status.dirty_bytes,
-            table_offset: b.entry.table_offset,
-            table_size: b.entry.table_size,
-            density: survey.profile,
-        }
-    }
-}
-
-impl InfoDoc {
-    /// Gathers the summary.
-    pub fn new<S: ReadAt>(path: &Path, image: &Image<S>, bitmaps: Vec<BitmapRow>) -> Self {
-        let h = image.header();
-        let cs = image.geometry().cluster_size();
-        let mut scratch = Vec::new();
-        let n = usize::try_from(cs.min(image.storage().len())).unwrap_or(0);
-        let cluster0 = image.storage().read_at(0, n, &mut scratch).unwrap_or(&[]);
-        let (backing, data_file) = chain::describe(path, h, cluster0, image.extensions());
-        InfoDoc {
-            filename: path.display().to_string(),
-            format: "qcow2",
-            version: h.version,
-            virtual_size: h.size,
-            cluster_size: image.geometry().cluster_size(),
-            refcount_bits: h.refcount_bits(),
-            bitmaps_consistent: image.bitmaps_consistent(),
-            backing_filename: backing.as_ref().map(|b| b.name.clone()),
-            backing_filename_format: backing.as_ref().and_then(|b| b.format.clone()),
-            full_backing_filename: backing.as_ref().map(|b| b.full.display().to_string()),
-            data_file_raw: data_file.as_ref().map(|d| d.raw),
-            data_file: data_file.map(|d| d.name),
-            bitmaps_problem: image.bitmaps_view().problem.as_ref().map(|e| e.to_string()),
-            bitmaps,
-            features: feature_names(
-                h.incompatible_features,
-                h.compatible_features,
-                h.autoclear_features,
-            ),
-        }
-    }
-}
-
-fn feature_names(incompat: u64, compat: u64, autoclear: u64) -> Vec<String> {
-    let mut out = Vec::new();
-    let names: [(u64, u64, &str); 8] = [
-        (incompat, 1, "dirty"),
-        (incompat, 2, "corrupt"),
-        (incompat, 4, "external-data-file"),
-        (incompat, 8, "compression-type"),
-        (incompat, 16, "extended-l2"),
-        (compat, 1, "lazy-refcounts"),
-        (autoclear, 1, "bitmaps"),
-        (autoclear, 2, "raw-external-data"),
-    ];
-    for (bits, mask, name) in names {
-        if bits & mask != 0 {
-            out.push(name.to_string());
-        }
-    }
-    out
-}
 
 /// Human `info`.
 pub fn write_info<S: ReadAt>(
@@ -319,28 +197,27 @@ fn density_char(dirty: u64, len: u64) -> char {
 pub struct ExtentPrinter {
     json: bool,
     all: bool,
-    pos: u64,
+    gaps: Gaps,
     first: bool,
 }
 
 impl ExtentPrinter {
-    /// A printer for a range starting at `lo`.
-    pub fn new(json: bool, all: bool, lo: u64) -> Self {
+    /// A printer for the range `[lo, hi)`.
+    pub fn new(json: bool, all: bool, lo: u64, hi: u64) -> Self {
         ExtentPrinter {
             json,
             all,
-            pos: lo,
+            gaps: Gaps::new(lo, hi),
             first: true,
         }
     }
 
-    fn line(
-        &mut self,
-        out: &mut impl Write,
-        offset: u64,
-        length: u64,
-        dirty: bool,
-    ) -> io::Result<()> {
+    fn line(&mut self, out: &mut impl Write, r: Run) -> io::Result<()> {
+        let Run {
+            offset,
+            length,
+            dirty,
+        } = r;
         if self.json {
             let sep = if self.first { "[\n" } else { ",\n" };
             write!(
@@ -360,18 +237,17 @@ impl ExtentPrinter {
 
     /// One dirty extent.
     pub fn dirty(&mut self, out: &mut impl Write, e: Extent) -> io::Result<()> {
-        if self.all && e.offset > self.pos {
-            self.line(out, self.pos, e.offset - self.pos, false)?;
+        let (gap, run) = self.gaps.dirty(e);
+        if let Some(gap) = gap.filter(|_| self.all) {
+            self.line(out, gap)?;
         }
-        self.line(out, e.offset, e.length, true)?;
-        self.pos = e.end();
-        Ok(())
+        self.line(out, run)
     }
 
-    /// Ends the listing at `hi`.
-    pub fn finish(&mut self, out: &mut impl Write, hi: u64) -> io::Result<()> {
-        if self.all && hi > self.pos {
-            self.line(out, self.pos, hi - self.pos, false)?;
+    /// Ends the listing.
+    pub fn finish(&mut self, out: &mut impl Write) -> io::Result<()> {
+        if let Some(tail) = self.gaps.finish().filter(|_| self.all) {
+            self.line(out, tail)?;
         }
         if self.json {
             writeln!(out, "{}", if self.first { "[]" } else { "\n]" })?;

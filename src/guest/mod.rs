@@ -59,7 +59,13 @@ use std::path::Path;
 #[derive(Debug)]
 pub struct Chain {
     members: Vec<Member>,
+    /// Unique per opened chain in this process: a [`ReaderState`] is only
+    /// resumed on the chain it was made on.
+    id: u64,
 }
+
+/// Source of [`Chain`] ids.
+static NEXT_CHAIN_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Chain {
     /// Opens `path` (format probed: qcow2 magic, else raw) and every member
@@ -77,7 +83,8 @@ impl Chain {
     /// See [`chain::open_members`].
     pub fn open_with(path: &Path, opts: OpenOptions) -> Result<Chain> {
         let members = chain::open_members(path, &opts)?;
-        Ok(Chain { members })
+        let id = NEXT_CHAIN_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Chain { members, id })
     }
 
     /// The members, top (depth 0) first.
@@ -114,6 +121,23 @@ impl Chain {
         }
     }
 
+    /// A reader that keeps the caches of an earlier reader of this chain
+    /// ([`Reader::into_state`]); a state from another chain is dropped and
+    /// the reader starts empty.
+    pub fn resume(&self, state: ReaderState) -> Reader<'_> {
+        if state.chain_id != self.id {
+            return self.reader();
+        }
+        Reader {
+            chain: self,
+            cache: state.cache,
+            decompressor: state.decompressor,
+            cluster: state.cluster,
+            cached: state.cached,
+            prealloc: state.prealloc,
+        }
+    }
+
     fn check_range(&self, offset: u64, length: u64) -> Result<u64> {
         let size = self.virtual_size();
         match offset.checked_add(length) {
@@ -140,7 +164,32 @@ pub struct Reader<'c> {
     prealloc: Vec<Option<bool>>,
 }
 
+/// The caches of a [`Reader`] without its borrow of the chain, to keep
+/// them between calls by a caller that cannot hold the borrow (the Python
+/// bindings); see [`Chain::resume`].
+#[derive(Debug)]
+pub struct ReaderState {
+    chain_id: u64,
+    cache: L2Cache,
+    decompressor: Decompressor,
+    cluster: Vec<u8>,
+    cached: Option<(usize, u64)>,
+    prealloc: Vec<Option<bool>>,
+}
+
 impl<'c> Reader<'c> {
+    /// The caches, to resume with [`Chain::resume`] on the same chain.
+    pub fn into_state(self) -> ReaderState {
+        ReaderState {
+            chain_id: self.chain.id,
+            cache: self.cache,
+            decompressor: self.decompressor,
+            cluster: self.cluster,
+            cached: self.cached,
+            prealloc: self.prealloc,
+        }
+    }
+
     /// The chain this reader reads.
     pub fn chain(&self) -> &'c Chain {
         self.chain

@@ -2,6 +2,11 @@
 //! merged across table clusters, clipped to the requested range and the
 //! virtual size. Streams cluster by cluster (memory: one cluster of words),
 //! skipping all-zero table entries without touching data.
+//!
+//! [`Extents`] borrows the image; [`ExtentCursor`] is the same scan as an
+//! owned value that is handed the image at each step (for callers that
+//! cannot hold a borrow, such as the Python bindings' lazy iterator).
+//! [`Gaps`] adds the clean runs between dirty extents (`extents --all`).
 
 use super::{BitmapEntry, Image, Table};
 use crate::bits;
@@ -29,6 +34,13 @@ impl Extent {
 #[derive(Debug)]
 pub struct Extents<'a, S> {
     image: &'a Image<S>,
+    cursor: ExtentCursor,
+}
+
+/// The scan of [`Extents`] without the borrow: each step is given the image
+/// it was made from ([`Image::extent_cursor`]).
+#[derive(Debug)]
+pub struct ExtentCursor {
     table: Table,
     /// Requested guest byte range.
     lo: u64,
@@ -57,13 +69,29 @@ impl<S: ReadAt> Image<S> {
         range: Option<(u64, u64)>,
         force: bool,
     ) -> Result<Extents<'_, S>> {
+        Ok(Extents {
+            image: self,
+            cursor: self.extent_cursor(b, range, force)?,
+        })
+    }
+
+    /// The scan of [`Image::extents`] as an owned cursor; pass this same
+    /// image to [`ExtentCursor::next_extent`].
+    ///
+    /// # Errors
+    /// As [`Image::extents`].
+    pub fn extent_cursor(
+        &self,
+        b: &BitmapEntry,
+        range: Option<(u64, u64)>,
+        force: bool,
+    ) -> Result<ExtentCursor> {
         self.require_ok(b, force)?;
         let (lo, hi) = self.check_range(range)?;
         let table = self.table(b)?;
         let g = table.granularity_bits;
         let (bit, bit_end) = (lo >> g, hi.div_ceil(1 << g).min(table.nbits));
-        Ok(Extents {
-            image: self,
+        Ok(ExtentCursor {
             table,
             lo,
             hi,
@@ -93,20 +121,43 @@ impl<S: ReadAt> Image<S> {
     }
 }
 
-impl<S: ReadAt> Extents<'_, S> {
+impl ExtentCursor {
+    /// The requested range `[lo, hi)` in guest bytes.
+    pub fn range(&self) -> (u64, u64) {
+        (self.lo, self.hi)
+    }
+
+    /// The next dirty extent; `image` must be the one the cursor was made
+    /// from. After an error the cursor is finished.
+    ///
+    /// # Errors
+    /// Reading or validating a data cluster of the table.
+    pub fn next_extent<S: ReadAt>(&mut self, image: &Image<S>) -> Result<Option<Extent>> {
+        if self.failed {
+            return Ok(None);
+        }
+        match self.next_run(image) {
+            Ok(run) => Ok(run.map(|r| self.to_bytes(r))),
+            Err(e) => {
+                self.failed = true;
+                Err(e)
+            }
+        }
+    }
+
     /// The next run of set bits at or after `self.bit`, as bit indices.
-    fn next_run(&mut self) -> Result<Option<(u64, u64)>> {
-        let Some(start) = self.find(true)? else {
+    fn next_run<S: ReadAt>(&mut self, image: &Image<S>) -> Result<Option<(u64, u64)>> {
+        let Some(start) = self.find(image, true)? else {
             return Ok(None);
         };
         self.bit = start;
-        let end = self.find(false)?.unwrap_or(self.bit_end);
+        let end = self.find(image, false)?.unwrap_or(self.bit_end);
         self.bit = end;
         Ok(Some((start, end)))
     }
 
     /// First bit in `[self.bit, bit_end)` equal to `want`, crossing table entries.
-    fn find(&mut self, want: bool) -> Result<Option<u64>> {
+    fn find<S: ReadAt>(&mut self, image: &Image<S>, want: bool) -> Result<Option<u64>> {
         let per = self.table.bits_per_cluster();
         while self.bit < self.bit_end {
             let k = usize::try_from(self.bit / per).unwrap_or(usize::MAX);
@@ -114,7 +165,9 @@ impl<S: ReadAt> Extents<'_, S> {
             let end = end.min(self.bit_end);
             let hit = match self.table.entries.get(k).copied() {
                 Some(TableEntry::Ones) => want.then_some(self.bit),
-                Some(TableEntry::Data(off)) => self.find_in_data(k, off, first, end, want)?,
+                Some(TableEntry::Data(off)) => {
+                    self.find_in_data(image, (k, off), first, end, want)?
+                }
                 Some(_) => (!want).then_some(self.bit),
                 // Past the table (only when forced): nothing more is set.
                 None => return Ok((!want).then_some(self.bit)),
@@ -127,18 +180,17 @@ impl<S: ReadAt> Extents<'_, S> {
         Ok(None)
     }
 
-    fn find_in_data(
+    fn find_in_data<S: ReadAt>(
         &mut self,
-        k: usize,
-        off: u64,
+        image: &Image<S>,
+        (k, off): (usize, u64),
         first: u64,
         end: u64,
         want: bool,
     ) -> Result<Option<u64>> {
         if self.loaded != Some(k) {
             let (_, cluster_end) = self.table.cluster_bits(k);
-            self.image
-                .cluster_words(off, cluster_end - first, &mut self.words, &mut self.bytes)?;
+            image.cluster_words(off, cluster_end - first, &mut self.words, &mut self.bytes)?;
             self.loaded = Some(k);
         }
         let (from, to) = (self.bit - first, end - first);
@@ -165,18 +217,62 @@ impl<S: ReadAt> Iterator for Extents<'_, S> {
     type Item = Result<Extent>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.failed {
-            return None;
-        }
-        match self.next_run() {
-            Ok(Some(run)) => Some(Ok(self.to_bytes(run))),
-            Ok(None) => None,
-            Err(e) => {
-                self.failed = true;
-                Some(Err(e))
-            }
-        }
+        self.cursor.next_extent(self.image).transpose()
     }
 }
 
 impl<S: ReadAt> std::iter::FusedIterator for Extents<'_, S> {}
+
+/// A run of guest bytes that is either dirty or clean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Run {
+    /// First byte.
+    pub offset: u64,
+    /// Length in bytes (never 0).
+    pub length: u64,
+    /// Whether the bitmap marks it dirty.
+    pub dirty: bool,
+}
+
+/// Turns the dirty extents of a range `[lo, hi)`, in order, into runs that
+/// cover every byte: each clean gap before a dirty extent, then the extent;
+/// [`Gaps::finish`] gives the clean tail.
+#[derive(Debug, Clone, Copy)]
+pub struct Gaps {
+    pos: u64,
+    hi: u64,
+}
+
+impl Gaps {
+    /// Gaps of the range `[lo, hi)`.
+    pub fn new(lo: u64, hi: u64) -> Self {
+        Gaps { pos: lo, hi }
+    }
+
+    /// The clean run before `e` (if any) and `e` as a dirty run.
+    pub fn dirty(&mut self, e: Extent) -> (Option<Run>, Run) {
+        let gap = (e.offset > self.pos).then(|| Run {
+            offset: self.pos,
+            length: e.offset - self.pos,
+            dirty: false,
+        });
+        self.pos = self.pos.max(e.end());
+        let run = Run {
+            offset: e.offset,
+            length: e.length,
+            dirty: true,
+        };
+        (gap, run)
+    }
+
+    /// The clean run after the last dirty extent, if any (once).
+    pub fn finish(&mut self) -> Option<Run> {
+        let tail = (self.hi > self.pos).then(|| Run {
+            offset: self.pos,
+            length: self.hi - self.pos,
+            dirty: false,
+        });
+        self.pos = self.hi;
+        tail
+    }
+}

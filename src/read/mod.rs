@@ -19,7 +19,7 @@ mod survey;
 
 pub use bitmaps::{BitmapEntry, BitmapState, BitmapStatus, Table, expected_dimensions};
 pub use check::{CheckReport, Verdict};
-pub use extents::{Extent, Extents};
+pub use extents::{Extent, ExtentCursor, Extents, Gaps, Run};
 pub use hash::hex;
 pub use lint::{Finding, Severity};
 pub use open::open_path;
