@@ -81,8 +81,8 @@ pub fn repair_cmd(path: &Path, json: bool, dry_run: bool, in_use: InUseArg) -> O
         InUseArg::Dirty => InUsePolicy::Dirty,
         InUseArg::Remove => InUsePolicy::Remove,
     };
-    let report =
-        run_repair(path, policy, dry_run).map_err(|e| Failure::Lib(e.context(path.display())))?;
+    let report = repair::repair_path(path, policy, dry_run)
+        .map_err(|e| Failure::Lib(e.context(path.display())))?;
     let mut out = BufWriter::new(io::stdout().lock());
     if json {
         let doc = RepairDoc::new(&path.display().to_string(), dry_run, &report);
@@ -92,20 +92,6 @@ pub fn repair_cmd(path: &Path, json: bool, dry_run: bool, in_use: InUseArg) -> O
     }
     out.flush()?;
     Ok(ExitCode::from(if report.clean { 0 } else { 1 }))
-}
-
-fn run_repair(
-    path: &Path,
-    policy: InUsePolicy,
-    dry_run: bool,
-) -> qcow2_bitmap::Result<RepairReport> {
-    if dry_run {
-        let image = read::open_path(path, Access::Read)?;
-        return repair::repair_dry_run(&image, policy);
-    }
-    let tx_file = qcow2_bitmap::write::open_rw(path)?;
-    let (_, report) = repair::repair(tx_file, policy)?;
-    Ok(report)
 }
 
 fn write_repair(out: &mut impl Write, r: &RepairReport, dry_run: bool) -> io::Result<()> {

@@ -76,14 +76,10 @@ fn merge(m: &MergeArgs) -> Outcome {
     };
     let source = read::open_path(src_path, Access::Read)
         .map_err(|e| Failure::Lib(e.context(src_path.display())))?;
+    let shown = src_path.display().to_string();
     run(&m.image, |tx| {
-        m.sources.iter().try_for_each(|s| {
-            // Source problems are reported under the source file's name.
-            let ctx = |e: qcow2_bitmap::Error| e.context(src_path.display());
-            let b = source.find(s).map_err(ctx)?;
-            source.require_ok(b, false).map_err(ctx)?;
-            let table = source.table(b).map_err(ctx)?;
-            tx.merge_from_image(&m.target, &source, b, &table)
-        })
+        m.sources
+            .iter()
+            .try_for_each(|s| tx.merge_from_image_named(&m.target, &source, s, &shown))
     })
 }

@@ -47,7 +47,7 @@ mod seek;
 mod status;
 
 pub use chain::{Backing, DataFileInfo, Format, Member, OpenOptions};
-pub use status::{MapEntry, MapIter, Status};
+pub use status::{MapCursor, MapEntry, MapIter, Status};
 
 use crate::error::{Error, Result};
 use crate::lock::Access;

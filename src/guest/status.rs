@@ -167,9 +167,21 @@ impl<'c> Reader<'c> {
     /// A range past the virtual size; later, each item may carry a metadata error
     /// (after which the iterator ends).
     pub fn map(&mut self, offset: u64, length: u64) -> Result<MapIter<'_, 'c>> {
-        let end = self.chain.check_range(offset, length)?;
+        let cursor = self.map_cursor(offset, length)?;
         Ok(MapIter {
             reader: self,
+            cursor,
+        })
+    }
+
+    /// The scan of [`Reader::map`] as an owned cursor, stepped with
+    /// [`MapCursor::next_entry`] by any reader of the same chain.
+    ///
+    /// # Errors
+    /// A range past the virtual size.
+    pub fn map_cursor(&self, offset: u64, length: u64) -> Result<MapCursor> {
+        let end = self.chain.check_range(offset, length)?;
+        Ok(MapCursor {
             pos: offset,
             end,
             pending: None,
@@ -177,29 +189,32 @@ impl<'c> Reader<'c> {
     }
 }
 
-/// Iterator over merged [`MapEntry`]s; see [`Reader::map`].
-#[derive(Debug)]
-pub struct MapIter<'r, 'c> {
-    reader: &'r mut Reader<'c>,
+/// The state of a map scan without the borrow of a reader; see
+/// [`Reader::map_cursor`].
+#[derive(Debug, Clone)]
+pub struct MapCursor {
     pos: u64,
     end: u64,
     pending: Option<MapEntry>,
 }
 
-impl Iterator for MapIter<'_, '_> {
-    type Item = Result<MapEntry>;
-
-    fn next(&mut self) -> Option<Self::Item> {
+impl MapCursor {
+    /// The next merged entry, read through `reader` (a reader of the chain
+    /// the cursor was made for). After an error the scan is finished.
+    ///
+    /// # Errors
+    /// A metadata problem met on the way.
+    pub fn next_entry(&mut self, reader: &mut Reader<'_>) -> Result<Option<MapEntry>> {
         loop {
             if self.pos >= self.end {
-                return self.pending.take().map(Ok);
+                return Ok(self.pending.take());
             }
-            let status = match self.reader.resolve(self.pos, self.end - self.pos, false) {
+            let status = match reader.resolve(self.pos, self.end - self.pos, false) {
                 Ok(s) => s,
                 Err(e) => {
                     self.pos = self.end;
                     self.pending = None;
-                    return Some(Err(e));
+                    return Err(e);
                 }
             };
             let entry = MapEntry::from_status(self.pos, &status);
@@ -209,10 +224,25 @@ impl Iterator for MapIter<'_, '_> {
                 Some(p) => {
                     let out = *p;
                     self.pending = Some(entry);
-                    return Some(Ok(out));
+                    return Ok(Some(out));
                 }
                 None => self.pending = Some(entry),
             }
         }
+    }
+}
+
+/// Iterator over merged [`MapEntry`]s; see [`Reader::map`].
+#[derive(Debug)]
+pub struct MapIter<'r, 'c> {
+    reader: &'r mut Reader<'c>,
+    cursor: MapCursor,
+}
+
+impl Iterator for MapIter<'_, '_> {
+    type Item = Result<MapEntry>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.cursor.next_entry(self.reader).transpose()
     }
 }

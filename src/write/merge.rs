@@ -65,6 +65,26 @@ impl<S: WriteAt> Transaction<S> {
         self.replace_clusters(i, changed)
     }
 
+    /// Stages `target |= name` for the bitmap `name` of another image;
+    /// problems of the source (missing, untrusted, a bad table) are named
+    /// with `source_name` (the source file's path as the caller shows it).
+    ///
+    /// # Errors
+    /// As [`Transaction::merge_from_image`], and `NotFound`.
+    pub fn merge_from_image_named<R: crate::storage::ReadAt>(
+        &mut self,
+        target: &str,
+        image: &Image<R>,
+        name: &str,
+        source_name: &str,
+    ) -> Result<()> {
+        let ctx = |e: Error| e.context(source_name);
+        let b = image.find(name).map_err(ctx)?;
+        image.require_ok(b, false).map_err(ctx)?;
+        let table = image.table(b).map_err(ctx)?;
+        self.merge_from_image(target, image, b, &table)
+    }
+
     /// Stages `target |= source` where `source` is a bitmap of another
     /// image and `table` its validated table (`image.table(source)`, which
     /// the caller has read to report source problems under its own name),

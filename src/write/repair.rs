@@ -504,6 +504,25 @@ pub fn repair_dry_run<S: ReadAt>(image: &Image<S>, policy: InUsePolicy) -> Resul
     Ok(report)
 }
 
+/// Repairs the image file at `path` (with QEMU's write locks), or with
+/// `dry_run` reports what would be done (read locks, nothing written).
+///
+/// # Errors
+/// Opening or locking the file, and every error of [`repair`] or
+/// [`repair_dry_run`].
+pub fn repair_path(
+    path: &std::path::Path,
+    policy: InUsePolicy,
+    dry_run: bool,
+) -> Result<RepairReport> {
+    if dry_run {
+        let image = crate::read::open_path(path, crate::lock::Access::Read)?;
+        return repair_dry_run(&image, policy);
+    }
+    let (_, report) = repair(super::open_rw(path)?, policy)?;
+    Ok(report)
+}
+
 /// Repairs the bitmaps of the image in `storage` and frees leaked clusters.
 ///
 /// # Errors
